@@ -1,0 +1,15 @@
+// Python bindings of the compiled kernels (module kdkernels._C).
+#include <torch/extension.h>
+
+#include "kd_loss.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "kdkernels compiled kernels";
+  m.def("kd_loss_forward_cpu", &kdkernels::kd_loss_forward_cpu,
+        "Fused KD loss forward on CPU: row losses and logit gradients");
+#ifdef KDKERNELS_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

@@ -1,0 +1,443 @@
+// CPU kernel of kd_loss. Rows are spread over threads with at::parallel_for; each row is read
+// in chunks small enough for L1, converted to the accumulation type once per read.
+//   read 1: online (max, sum) statistics of student/T, teacher/T and, for the CE term at
+//           T != 1, student; for kSumsFromStats divergences also the support sums.
+//   read 2: only for divergences without kSumsFromStats: row sums of the divergence terms.
+//   read 3: the gradients (skipped when no gradient is wanted).
+// The inner loops are plain element loops that the compiler vectorises (omp simd); the
+// kernel is cloned per x86 ISA level and picked at load time.
+#include "../divergences.h"
+#include "../kd_loss.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace kdkernels {
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define KD_CPU_CLONES
+#endif
+#define KD_INLINE inline __attribute__((always_inline))
+
+constexpr int64_t kChunk = 256;
+
+// Float exp and log for the vector loops: Cephes' polynomials (about 1 ulp), branch-free so
+// that they vectorise. exp underflows to exactly 0 below -87, so exp(-inf) = 0; log expects a
+// positive normal argument.
+struct FastMath {
+  static KD_INLINE float exp(float x) {
+    const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+    float poly = 1.9875691500e-4f;
+    poly = poly * r + 1.3981999507e-3f;
+    poly = poly * r + 8.3334519073e-3f;
+    poly = poly * r + 4.1665795894e-2f;
+    poly = poly * r + 1.6666665459e-1f;
+    poly = poly * r + 5.0000001201e-1f;
+    poly = poly * r * r + r + 1.0f;
+    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    return x < -87.0f ? 0.0f : poly * scale;
+  }
+  static KD_INLINE float log(float x) {
+    int32_t bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    float e = static_cast<float>(((bits >> 23) & 0xff) - 126);
+    const int32_t mantissa_bits = (bits & 0x007fffff) | 0x3f000000;
+    float m;
+    std::memcpy(&m, &mantissa_bits, sizeof(m));
+    const bool below_sqrt_half = m < 0.707106781186547524f;
+    e = below_sqrt_half ? e - 1.0f : e;
+    m = below_sqrt_half ? m + m - 1.0f : m - 1.0f;
+    const float z = m * m;
+    float y = 7.0376836292e-2f;
+    y = y * m - 1.1514610310e-1f;
+    y = y * m + 1.1676998740e-1f;
+    y = y * m - 1.2420140846e-1f;
+    y = y * m + 1.4249322787e-1f;
+    y = y * m - 1.6668057665e-1f;
+    y = y * m + 2.0000714765e-1f;
+    y = y * m - 2.4999993993e-1f;
+    y = y * m + 3.3333331174e-1f;
+    y = y * m * z + e * -2.12194440e-4f - 0.5f * z;
+    return (m + y) + e * 0.693359375f;
+  }
+};
+
+struct StdMath {  // double inputs (gradcheck): the C library, exact to rounding
+  static KD_INLINE double exp(double x) { return std::exp(x); }
+  static KD_INLINE double log(double x) { return std::log(x); }
+};
+
+template <typename acc_t>
+using MathFor = std::conditional_t<std::is_same_v<acc_t, double>, StdMath, FastMath>;
+
+enum RowStatus : int8_t {
+  kOk = 0,
+  kTargetOutOfRange,
+  kTargetMasked,
+  kStudentNonFinite,
+  kTeacherNonFinite,
+  kStudentAllMasked,
+  kTeacherAllMasked,
+};
+
+template <typename scalar_t, typename acc_t>
+struct RowArgs {
+  const scalar_t* student;
+  const scalar_t* teacher;
+  int64_t student_stride, teacher_stride;
+  const int64_t* target;  // nullptr without target
+  acc_t* loss;
+  scalar_t* grad_student;  // [N, V] contiguous, or nullptr
+  scalar_t* grad_teacher;
+  int8_t* status;
+  int64_t vocab, ignore_index;
+  acc_t inv_temperature, soft_weight, hard_weight;
+  bool unit_temperature;
+  DivergenceParams<acc_t> params;
+};
+
+// Running (max, sum of exp(x - max)) of one input, with the support sums of divergences that
+// take their row sums from the statistics; all rescaled together when the max moves.
+template <typename acc_t>
+struct OnlineSide {
+  acc_t max = -std::numeric_limits<acc_t>::infinity();
+  acc_t sum = 0, mass = 0, logratio = 0;
+
+  KD_INLINE void merge(acc_t chunk_max, acc_t chunk_sum, acc_t chunk_mass, acc_t chunk_logratio) {
+    if (!(chunk_sum > 0)) return;
+    if (chunk_max > max) {
+      const acc_t r = std::exp(max - chunk_max);
+      sum = sum * r + chunk_sum;
+      mass = mass * r + chunk_mass;
+      logratio = logratio * r + chunk_logratio;
+      max = chunk_max;
+    } else {
+      const acc_t r = std::exp(chunk_max - max);
+      sum += chunk_sum * r;
+      mass += chunk_mass * r;
+      logratio += chunk_logratio * r;
+    }
+  }
+  KD_INLINE acc_t lse() const { return max + std::log(sum); }
+};
+
+template <typename scalar_t, typename acc_t>
+KD_INLINE void load_scaled(const scalar_t* src, int64_t n, acc_t scale, acc_t* dst) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]) * scale;
+}
+
+template <typename scalar_t, typename acc_t>
+KD_INLINE void store(const acc_t* src, int64_t n, scalar_t* dst) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+}
+
+// Max of x[0:n]; sets `bad` if an entry is NaN or +inf (-inf is a valid, masked entry).
+template <typename acc_t>
+KD_INLINE acc_t chunk_max(const acc_t* x, int64_t n, int& bad) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  int b = 0;
+#pragma omp simd reduction(max : m) reduction(| : b)
+  for (int64_t i = 0; i < n; ++i) {
+    m = x[i] > m ? x[i] : m;
+    b |= !(x[i] <= std::numeric_limits<acc_t>::max());
+  }
+  bad |= b;
+  return m;
+}
+
+// The exp offset of a chunk: its max, or 0 when the chunk is all -inf (every exp is then 0).
+template <typename acc_t>
+KD_INLINE acc_t exp_offset(acc_t chunk_max) {
+  return chunk_max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : chunk_max;
+}
+
+template <typename acc_t>
+KD_INLINE void accumulate_exp(const acc_t* x, int64_t n, acc_t chunk_max, OnlineSide<acc_t>& side) {
+  using Math = MathFor<acc_t>;
+  const acc_t offset = exp_offset(chunk_max);
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += Math::exp(x[i] - offset);
+  side.merge(chunk_max, sum, 0, 0);
+}
+
+// Both inputs' exp sums plus the support sums (entries finite in both): mass and
+// mass-weighted log-ratio for each side.
+template <typename acc_t>
+KD_INLINE void accumulate_exp_with_support(const acc_t* a, const acc_t* b, int64_t n, acc_t max_a,
+                                           acc_t max_b, OnlineSide<acc_t>& side_a,
+                                           OnlineSide<acc_t>& side_b) {
+  using Math = MathFor<acc_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t off_a = exp_offset(max_a), off_b = exp_offset(max_b);
+  acc_t sum_a = 0, sum_b = 0, mass_a = 0, mass_b = 0, lr_a = 0, lr_b = 0;
+#pragma omp simd reduction(+ : sum_a, sum_b, mass_a, mass_b, lr_a, lr_b)
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t ea = Math::exp(a[i] - off_a), eb = Math::exp(b[i] - off_b);
+    const bool shared = (a[i] > kNegInf) & (b[i] > kNegInf);
+    const acc_t diff = shared ? a[i] - b[i] : acc_t(0);
+    sum_a += ea;
+    sum_b += eb;
+    mass_a += shared ? ea : acc_t(0);
+    mass_b += shared ? eb : acc_t(0);
+    lr_a += ea * diff;
+    lr_b -= eb * diff;
+  }
+  side_a.merge(max_a, sum_a, mass_a, lr_a);
+  side_b.merge(max_b, sum_b, mass_b, lr_b);
+}
+
+template <typename scalar_t, typename acc_t>
+KD_INLINE void finish_without_loss(const RowArgs<scalar_t, acc_t>& args, int64_t row, RowStatus status) {
+  args.status[row] = status;
+  args.loss[row] = 0;
+  if (args.grad_student) std::fill_n(args.grad_student + row * args.vocab, args.vocab, scalar_t(0));
+  if (args.grad_teacher) std::fill_n(args.grad_teacher + row * args.vocab, args.vocab, scalar_t(0));
+}
+
+template <typename acc_t>
+struct GradientScales {
+  acc_t lse_a, lse_b, lse_c;
+  acc_t soft_scale;   // soft_weight / T
+  acc_t hard_weight;  // 0 without the CE term
+  acc_t sum_d_student, sum_d_teacher;
+};
+
+// Writes the gradients of one row's loss: the soft term (kSoft) through the softmax Jacobian
+// of the divergence terms, plus the CE term softmax(student) - onehot(y) (from student/T when
+// T = 1, else from the raw student logits in c: kSeparateCE). a and b return the gradients.
+template <typename Div, bool kSoft, bool kSeparateCE, typename scalar_t, typename acc_t>
+KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, int64_t y,
+                            const GradientScales<acc_t>& g, acc_t* a, acc_t* b, acc_t* c) {
+  using Math = MathFor<acc_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t vocab = args.vocab;
+  const scalar_t* student = args.student + row * args.student_stride;
+  const scalar_t* teacher = args.teacher + row * args.teacher_stride;
+  for (int64_t j0 = 0; j0 < vocab; j0 += kChunk) {
+    const int64_t n = std::min(kChunk, vocab - j0);
+    load_scaled(student + j0, n, args.inv_temperature, a);
+    if constexpr (kSoft) load_scaled(teacher + j0, n, args.inv_temperature, b);
+    if constexpr (kSeparateCE) load_scaled(student + j0, n, acc_t(1), c);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t q = Math::exp(a[i] - g.lse_a);
+      acc_t grad_s = g.hard_weight * (kSeparateCE ? Math::exp(c[i] - g.lse_c) : q);
+      acc_t grad_t = 0;
+      if constexpr (kSoft) {
+        const acc_t p = Math::exp(b[i] - g.lse_b);
+        const bool shared = (a[i] > kNegInf) & (b[i] > kNegInf);
+        const acc_t lq = shared ? a[i] - g.lse_a : acc_t(0), lp = shared ? b[i] - g.lse_b : acc_t(0);
+        const Terms<acc_t> t = Div::template terms<Math>(lp, lq, p, q, args.params);
+        grad_s += g.soft_scale * ((shared ? t.d_student : acc_t(0)) - q * g.sum_d_student);
+        grad_t = g.soft_scale * ((shared ? t.d_teacher : acc_t(0)) - p * g.sum_d_teacher);
+      }
+      a[i] = grad_s;
+      b[i] = grad_t;
+    }
+    if (y >= j0 && y < j0 + n) a[y - j0] -= g.hard_weight;
+    if (args.grad_student) store(a, n, args.grad_student + row * vocab + j0);
+    if (args.grad_teacher) store(b, n, args.grad_teacher + row * vocab + j0);
+  }
+}
+
+template <typename Div, typename scalar_t, typename acc_t>
+KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, acc_t* a, acc_t* b, acc_t* c) {
+  using Math = MathFor<acc_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t vocab = args.vocab;
+  const scalar_t* student = args.student + row * args.student_stride;
+  const scalar_t* teacher = args.teacher + row * args.teacher_stride;
+  const bool has_target = args.target != nullptr;
+  const int64_t y = has_target ? args.target[row] : -1;
+  if (has_target && y == args.ignore_index) return finish_without_loss(args, row, kOk);
+  if (has_target && (y < 0 || y >= vocab)) return finish_without_loss(args, row, kTargetOutOfRange);
+  const bool need_soft = args.soft_weight != 0;
+  const bool need_ce = has_target && args.hard_weight != 0;
+  const bool separate_ce = need_ce && !args.unit_temperature;  // CE needs softmax(student) at T = 1
+  const acc_t inv_t = args.inv_temperature;
+
+  // Read 1: statistics.
+  OnlineSide<acc_t> side_a, side_b, side_c;
+  int bad_student = 0, bad_teacher = 0;
+  for (int64_t j0 = 0; j0 < vocab; j0 += kChunk) {
+    const int64_t n = std::min(kChunk, vocab - j0);
+    load_scaled(student + j0, n, inv_t, a);
+    const acc_t max_a = chunk_max(a, n, bad_student);
+    if (need_soft) {
+      load_scaled(teacher + j0, n, inv_t, b);
+      const acc_t max_b = chunk_max(b, n, bad_teacher);
+      if constexpr (Div::kSumsFromStats) {
+        accumulate_exp_with_support(a, b, n, max_a, max_b, side_a, side_b);
+      } else {
+        accumulate_exp(a, n, max_a, side_a);
+        accumulate_exp(b, n, max_b, side_b);
+      }
+    } else {
+      accumulate_exp(a, n, max_a, side_a);
+    }
+    if (separate_ce) {
+      load_scaled(student + j0, n, acc_t(1), c);
+      accumulate_exp(c, n, chunk_max(c, n, bad_student), side_c);
+    }
+  }
+  if (bad_student) return finish_without_loss(args, row, kStudentNonFinite);
+  if (bad_teacher) return finish_without_loss(args, row, kTeacherNonFinite);
+  if (!(side_a.sum > 0)) return finish_without_loss(args, row, kStudentAllMasked);
+  if (need_soft && !(side_b.sum > 0)) return finish_without_loss(args, row, kTeacherAllMasked);
+  const acc_t lse_a = side_a.lse();
+  const acc_t lse_b = need_soft ? side_b.lse() : acc_t(0);
+  const acc_t lse_c = separate_ce ? side_c.lse() : lse_a;
+
+  acc_t ce = 0;
+  if (need_ce) {
+    const acc_t logit_y = static_cast<acc_t>(student[y]);
+    if (logit_y == kNegInf) return finish_without_loss(args, row, kTargetMasked);
+    ce = lse_c - logit_y;
+  }
+
+  // Row sums of the divergence terms: from the statistics, or read 2.
+  Terms<acc_t> sums{0, 0, 0};
+  if (need_soft) {
+    if constexpr (Div::kSumsFromStats) {
+      sums = Div::row_sums(SupportStats<acc_t>{
+          lse_a, lse_b, side_a.mass / side_a.sum, side_a.logratio / side_a.sum,
+          side_b.mass / side_b.sum, side_b.logratio / side_b.sum});
+    } else {
+      for (int64_t j0 = 0; j0 < vocab; j0 += kChunk) {
+        const int64_t n = std::min(kChunk, vocab - j0);
+        load_scaled(student + j0, n, inv_t, a);
+        load_scaled(teacher + j0, n, inv_t, b);
+        acc_t value = 0, d_student = 0, d_teacher = 0;
+#pragma omp simd reduction(+ : value, d_student, d_teacher)
+        for (int64_t i = 0; i < n; ++i) {
+          const bool shared = (a[i] > kNegInf) & (b[i] > kNegInf);
+          const acc_t lq = shared ? a[i] - lse_a : acc_t(0), lp = shared ? b[i] - lse_b : acc_t(0);
+          const Terms<acc_t> t = Div::template terms<Math>(lp, lq, Math::exp(lp), Math::exp(lq), args.params);
+          value += shared ? t.value : acc_t(0);
+          d_student += shared ? t.d_student : acc_t(0);
+          d_teacher += shared ? t.d_teacher : acc_t(0);
+        }
+        sums.value += value;
+        sums.d_student += d_student;
+        sums.d_teacher += d_teacher;
+      }
+    }
+  }
+  args.loss[row] = args.soft_weight * sums.value + args.hard_weight * ce;
+  args.status[row] = kOk;
+  if (!args.grad_student && !args.grad_teacher) return;
+
+
+  // Read 3: gradients of the row loss.
+  const GradientScales<acc_t> scales{lse_a, lse_b, lse_c, args.soft_weight * inv_t,
+                                     need_ce ? args.hard_weight : acc_t(0), sums.d_student, sums.d_teacher};
+  if (need_soft) {
+    separate_ce ? gradient_row<Div, true, true>(args, row, y, scales, a, b, c)
+                : gradient_row<Div, true, false>(args, row, y, scales, a, b, c);
+  } else {
+    separate_ce ? gradient_row<Div, false, true>(args, row, y, scales, a, b, c)
+                : gradient_row<Div, false, false>(args, row, y, scales, a, b, c);
+  }
+}
+
+template <typename Div, typename scalar_t, typename acc_t>
+KD_CPU_CLONES void process_rows(const RowArgs<scalar_t, acc_t>& args, int64_t begin, int64_t end) {
+  alignas(64) acc_t a[kChunk], b[kChunk], c[kChunk];
+  for (int64_t row = begin; row < end; ++row) process_row<Div>(args, row, a, b, c);
+}
+
+void raise_row_error(RowStatus status, int64_t row, int64_t target, int64_t vocab, int64_t ignore_index) {
+  switch (status) {
+    case kOk: return;
+    case kTargetOutOfRange:
+      TORCH_CHECK_VALUE(false, "kd_loss: target[", row, "] = ", target, " is outside [0, ", vocab,
+                        ") and is not ignore_index (", ignore_index, ")");
+    case kTargetMasked:
+      TORCH_CHECK_VALUE(false, "kd_loss: target[", row, "] = ", target,
+                        " points at a -inf student logit, so its cross-entropy is infinite");
+    case kStudentNonFinite:
+      TORCH_CHECK_VALUE(false, "kd_loss: student_logits row ", row, " contains NaN or +inf");
+    case kTeacherNonFinite:
+      TORCH_CHECK_VALUE(false, "kd_loss: teacher_logits row ", row, " contains NaN or +inf");
+    case kStudentAllMasked:
+      TORCH_CHECK_VALUE(false, "kd_loss: student_logits row ", row, " is all -inf");
+    case kTeacherAllMasked:
+      TORCH_CHECK_VALUE(false, "kd_loss: teacher_logits row ", row, " is all -inf");
+  }
+}
+
+}  // namespace
+
+KDLossOutputs kd_loss_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                  const std::optional<at::Tensor>& target, double temperature,
+                                  double soft_weight, double hard_weight, int64_t divergence,
+                                  double beta, int64_t ignore_index, bool student_grad,
+                                  bool teacher_grad) {
+  TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes(),
+              "kd_loss_forward_cpu: expected student and teacher of the same shape [N, V]");
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "kd_loss_forward_cpu: dtypes differ");
+  TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu(), "kd_loss_forward_cpu: CPU tensors expected");
+  TORCH_CHECK(student.size(1) <= 1 || (student.stride(1) == 1 && teacher.stride(1) == 1),
+              "kd_loss_forward_cpu: unit stride along V expected");
+  TORCH_CHECK(temperature > 0, "kd_loss_forward_cpu: temperature must be > 0");
+  const int64_t rows = student.size(0), vocab = student.size(1);
+  at::Tensor target_rows;
+  if (target.has_value()) {
+    TORCH_CHECK(target->scalar_type() == at::kLong && target->dim() == 1 && target->size(0) == rows,
+                "kd_loss_forward_cpu: target must be int64 [N]");
+    target_rows = target->contiguous();
+  }
+  const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor loss = at::empty({rows}, student.options().dtype(acc_dtype));
+  at::Tensor grad_student = at::empty({student_grad ? rows : 0, vocab}, student.options());
+  at::Tensor grad_teacher = at::empty({teacher_grad ? rows : 0, vocab}, student.options());
+  std::vector<int8_t> status(rows, kOk);
+  const auto kind = static_cast<Divergence>(divergence);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "kd_loss_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const RowArgs<scalar_t, acc_t> args{
+        student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), student.stride(0), teacher.stride(0),
+        target.has_value() ? target_rows.data_ptr<int64_t>() : nullptr, loss.data_ptr<acc_t>(),
+        student_grad ? grad_student.data_ptr<scalar_t>() : nullptr,
+        teacher_grad ? grad_teacher.data_ptr<scalar_t>() : nullptr, status.data(), vocab, ignore_index,
+        static_cast<acc_t>(1.0 / temperature), static_cast<acc_t>(soft_weight),
+        static_cast<acc_t>(hard_weight), temperature == 1.0, {static_cast<acc_t>(beta)}};
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(vocab, 1));
+    const bool known = dispatch_divergence(kind, [&](auto div) {
+      using Div = decltype(div);
+      at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+        process_rows<Div, scalar_t, acc_t>(args, begin, end);
+      });
+    });
+    TORCH_CHECK_VALUE(known, "kd_loss_forward_cpu: unknown divergence id ", divergence);
+  });
+
+  for (int64_t row = 0; row < rows; ++row) {
+    if (status[row] != kOk) {
+      raise_row_error(static_cast<RowStatus>(status[row]), row,
+                      target.has_value() ? target_rows.data_ptr<int64_t>()[row] : -1, vocab, ignore_index);
+    }
+  }
+  return {loss, grad_student, grad_teacher};
+}
+
+}  // namespace kdkernels

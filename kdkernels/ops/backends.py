@@ -1,0 +1,40 @@
+"""Which kernel backends exist for a device, and the choice behind backend="auto"."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from kdkernels.ops import extension
+
+BACKENDS = ("cpu", "triton", "cuda", "reference")
+
+DeviceLike = Union[torch.device, str, None]
+
+
+def available_backends(device: DeviceLike = None) -> list[str]:
+    """Backends that can run on `device` (default: CUDA when present, else CPU), fastest first."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = torch.device(device).type
+    live: list[str] = []
+    if device_type == "cpu" and extension.compiled() is not None:
+        live.append("cpu")
+    live.append("reference")
+    return live
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend for `backend` ("auto" or a name) on `device`, or a ValueError."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    live = available_backends(device)
+    if backend == "auto":
+        return live[0]
+    if backend not in live:
+        reason = f" ({extension.load_error})" if backend == "cpu" and extension.load_error else ""
+        raise ValueError(
+            f"backend {backend!r} is not available for {device.type} tensors{reason}; available: {live}"
+        )
+    return backend

@@ -1,0 +1,70 @@
+"""The kd_loss custom op: `kdkernels::kd_loss_rows`, its kernels per backend, fake kernel and
+autograd formula.
+
+The op returns the per-row losses together with their logit gradients, computed in the same
+pass over the logits; autograd saves the gradients and backward only scales them by the
+incoming per-row gradient."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from kdkernels.ops import extension
+
+Tensor = torch.Tensor
+
+# Divergence name -> kernel id (csrc/divergences.h: enum Divergence).
+DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+
+KernelOutputs = tuple[Tensor, Tensor, Tensor]
+
+
+def _cpu_kernel(student: Tensor, teacher: Tensor, target: Optional[Tensor], temperature: float,
+                soft_weight: float, hard_weight: float, divergence: str, beta: float,
+                ignore_index: int, student_grad: bool, teacher_grad: bool) -> KernelOutputs:
+    return extension.require().kd_loss_forward_cpu(
+        student, teacher, target, temperature, soft_weight, hard_weight, DIVERGENCES[divergence],
+        beta, ignore_index, student_grad, teacher_grad)
+
+
+_KERNELS: dict[str, Callable[..., KernelOutputs]] = {"cpu": _cpu_kernel}
+
+
+@torch.library.custom_op("kdkernels::kd_loss_rows", mutates_args=())
+def kd_loss_rows(student: Tensor, teacher: Tensor, target: Optional[Tensor], temperature: float,
+                 soft_weight: float, hard_weight: float, divergence: str, beta: float,
+                 ignore_index: int, student_grad: bool, teacher_grad: bool,
+                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Row losses ``soft_weight * D + hard_weight * CE`` of [N, V] logits (0 at rows whose
+    target is ignore_index), and their gradients (empty [0, V] when not asked for)."""
+    return _KERNELS[backend](student, teacher, target, temperature, soft_weight, hard_weight,
+                             divergence, beta, ignore_index, student_grad, teacher_grad)
+
+
+@kd_loss_rows.register_fake
+def _(student, teacher, target, temperature, soft_weight, hard_weight, divergence, beta,
+      ignore_index, student_grad, teacher_grad, backend):
+    rows, vocab = student.shape
+    acc_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    return (student.new_empty(rows, dtype=acc_dtype),
+            student.new_empty(rows if student_grad else 0, vocab),
+            student.new_empty(rows if teacher_grad else 0, vocab))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _, grad_student, grad_teacher = output
+    ctx.save_for_backward(grad_student, grad_teacher)
+    ctx.mark_non_differentiable(grad_student, grad_teacher)
+
+
+def _backward(ctx, grad_loss: Tensor, _grad_student_out, _grad_teacher_out):
+    grad_student, grad_teacher = ctx.saved_tensors
+    scale = grad_loss.unsqueeze(-1).to(grad_student.dtype)
+    student = grad_student * scale if ctx.needs_input_grad[0] else None
+    teacher = grad_teacher * scale if ctx.needs_input_grad[1] else None
+    return (student, teacher) + (None,) * 10
+
+
+kd_loss_rows.register_autograd(_backward, setup_context=_setup_context)

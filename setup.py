@@ -1,0 +1,41 @@
+"""Builds kdkernels._C: the C++ CPU kernels, and the CUDA kernels when a CUDA toolchain and a
+CUDA build of torch are present. A failed compile fails the install: the package never
+installs without its compiled CPU kernel."""
+
+import glob
+import os
+
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern), recursive=True))
+
+
+def _extension():
+    # -fno-trapping-math lets the compiler vectorise the branch-free selects of the kernels.
+    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-std=c++17"]
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    cuda_sources = _sources("csrc/cuda/*.cu")
+    with_cuda = (
+        torch.version.cuda is not None
+        and CUDA_HOME is not None
+        and bool(cuda_sources)
+        and os.environ.get("KDKERNELS_NO_CUDA", "0") != "1"
+    )
+    if with_cuda:
+        return CUDAExtension(
+            "kdkernels._C",
+            sources + cuda_sources,
+            define_macros=[("KDKERNELS_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_link_args=["-fopenmp"],
+        )
+    return CppExtension("kdkernels._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+
+
+setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExtension})

@@ -1,0 +1,85 @@
+"""Shared helpers: input factories and the comparison against kdkernels.reference."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import pytest
+import torch
+
+import kdkernels as kdk
+from kdkernels import reference
+
+# Gradient tolerance per dtype, relative to the largest reference gradient; losses are always
+# accumulated in fp32 (fp64) and compared tightly.
+GRAD_TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+LOSS_RTOL = {torch.float64: 1e-10, torch.float32: 5e-5, torch.bfloat16: 5e-5, torch.float16: 5e-5}
+
+
+def make_logits(lead: tuple[int, ...], vocab: int, dtype: torch.dtype, *, contiguous: bool = True,
+                scale: float = 3.0, seed: int = 0, requires_grad: bool = True) -> torch.Tensor:
+    """Random logits of shape lead + (vocab,); the non-contiguous variant is a strided view
+    (wider rows sliced for 2-D inputs, a transposed layout otherwise)."""
+    generator = torch.Generator().manual_seed(seed)
+    def randn(*size: int) -> torch.Tensor:
+        return (torch.randn(*size, generator=generator) * scale).to(dtype)
+
+    if contiguous:
+        x = randn(*lead, vocab)
+    elif len(lead) == 1:
+        x = randn(lead[0], vocab + 5)[:, 2:vocab + 2]
+    else:
+        x = randn(vocab, *lead).movedim(0, -1)
+    assert x.is_contiguous() == contiguous or vocab == 1
+    return x.detach().requires_grad_(requires_grad)
+
+
+def make_target(lead: tuple[int, ...], vocab: int, *, ignored: bool, seed: int = 1,
+                ignore_index: int = -100) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, vocab, lead, generator=generator)
+    if ignored:
+        flat = target.view(-1)
+        flat[:: 3] = ignore_index
+    return target
+
+
+def loss_and_grads(fn, student: torch.Tensor, teacher: torch.Tensor, target: Optional[torch.Tensor], **kwargs):
+    loss = fn(student, teacher, target, **kwargs)
+    inputs = [x for x in (student, teacher) if x.requires_grad]
+    # A fixed, non-uniform upstream gradient also checks how backward scales per row.
+    weight = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    grads = torch.autograd.grad((loss * weight).sum(), inputs, allow_unused=True)
+    return loss.detach(), grads
+
+
+def _as_fp64_leaf(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().double().requires_grad_(x.requires_grad)
+
+
+def assert_matches_reference(student: torch.Tensor, teacher: torch.Tensor, target: Optional[torch.Tensor],
+                             backend: str = "cpu", **kwargs) -> None:
+    """kd_loss on `backend` equals kdkernels.reference.kd_loss evaluated in fp64 on the same input
+    values, in value and gradients: within the dtype's tolerance, or within 4x the error of the
+    reference itself run in the input dtype (eager PyTorch's own rounding)."""
+    loss, grads = loss_and_grads(kdk.kd_loss, student, teacher, target, backend=backend, **kwargs)
+    exact_loss, exact_grads = loss_and_grads(reference.kd_loss, _as_fp64_leaf(student), _as_fp64_leaf(teacher),
+                                             target, **kwargs)
+    _, eager_grads = loss_and_grads(reference.kd_loss, student, teacher, target, **kwargs)
+    dtype = student.dtype
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert loss.shape == exact_loss.shape
+    rtol = LOSS_RTOL[dtype]
+    torch.testing.assert_close(loss.double(), exact_loss, rtol=rtol, atol=rtol * max(1.0, exact_loss.abs().max().item()))
+    for grad, exact, eager in zip(grads, exact_grads, eager_grads):
+        assert grad.dtype == dtype and grad.shape == exact.shape
+        if not exact.numel():
+            continue
+        eager_error = (eager.double() - exact).abs().max().item()
+        atol = max(GRAD_TOLERANCE[dtype] * exact.abs().max().item(), 4 * eager_error, 1e-30)
+        torch.testing.assert_close(grad.double(), exact, rtol=GRAD_TOLERANCE[dtype], atol=atol)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
