@@ -8,6 +8,7 @@
 // kernel is cloned per x86 ISA level and picked at load time.
 #include "../divergences.h"
 #include "../kd_loss.h"
+#include "../row_status.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -18,7 +19,6 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <vector>
 
 namespace kdkernels {
 namespace {
@@ -84,16 +84,6 @@ struct StdMath {  // double inputs (gradcheck): the C library, exact to rounding
 
 template <typename acc_t>
 using MathFor = std::conditional_t<std::is_same_v<acc_t, double>, StdMath, FastMath>;
-
-enum RowStatus : int8_t {
-  kOk = 0,
-  kTargetOutOfRange,
-  kTargetMasked,
-  kStudentNonFinite,
-  kTeacherNonFinite,
-  kStudentAllMasked,
-  kTeacherAllMasked,
-};
 
 template <typename scalar_t, typename acc_t>
 struct RowArgs {
@@ -364,26 +354,6 @@ KD_CPU_CLONES void process_rows(const RowArgs<scalar_t, acc_t>& args, int64_t be
   for (int64_t row = begin; row < end; ++row) process_row<Div>(args, row, a, b, c);
 }
 
-void raise_row_error(RowStatus status, int64_t row, int64_t target, int64_t vocab, int64_t ignore_index) {
-  switch (status) {
-    case kOk: return;
-    case kTargetOutOfRange:
-      TORCH_CHECK_VALUE(false, "kd_loss: target[", row, "] = ", target, " is outside [0, ", vocab,
-                        ") and is not ignore_index (", ignore_index, ")");
-    case kTargetMasked:
-      TORCH_CHECK_VALUE(false, "kd_loss: target[", row, "] = ", target,
-                        " points at a -inf student logit, so its cross-entropy is infinite");
-    case kStudentNonFinite:
-      TORCH_CHECK_VALUE(false, "kd_loss: student_logits row ", row, " contains NaN or +inf");
-    case kTeacherNonFinite:
-      TORCH_CHECK_VALUE(false, "kd_loss: teacher_logits row ", row, " contains NaN or +inf");
-    case kStudentAllMasked:
-      TORCH_CHECK_VALUE(false, "kd_loss: student_logits row ", row, " is all -inf");
-    case kTeacherAllMasked:
-      TORCH_CHECK_VALUE(false, "kd_loss: teacher_logits row ", row, " is all -inf");
-  }
-}
-
 }  // namespace
 
 KDLossOutputs kd_loss_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
@@ -409,7 +379,7 @@ KDLossOutputs kd_loss_forward_cpu(const at::Tensor& student, const at::Tensor& t
   at::Tensor loss = at::empty({rows}, student.options().dtype(acc_dtype));
   at::Tensor grad_student = at::empty({student_grad ? rows : 0, vocab}, student.options());
   at::Tensor grad_teacher = at::empty({teacher_grad ? rows : 0, vocab}, student.options());
-  std::vector<int8_t> status(rows, kOk);
+  at::Tensor status = at::empty({rows}, student.options().dtype(at::kChar));
   const auto kind = static_cast<Divergence>(divergence);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "kd_loss_forward_cpu", [&] {
@@ -418,7 +388,7 @@ KDLossOutputs kd_loss_forward_cpu(const at::Tensor& student, const at::Tensor& t
         student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), student.stride(0), teacher.stride(0),
         target.has_value() ? target_rows.data_ptr<int64_t>() : nullptr, loss.data_ptr<acc_t>(),
         student_grad ? grad_student.data_ptr<scalar_t>() : nullptr,
-        teacher_grad ? grad_teacher.data_ptr<scalar_t>() : nullptr, status.data(), vocab, ignore_index,
+        teacher_grad ? grad_teacher.data_ptr<scalar_t>() : nullptr, status.data_ptr<int8_t>(), vocab, ignore_index,
         static_cast<acc_t>(1.0 / temperature), static_cast<acc_t>(soft_weight),
         static_cast<acc_t>(hard_weight), temperature == 1.0, {static_cast<acc_t>(beta)}};
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(vocab, 1));
@@ -431,13 +401,7 @@ KDLossOutputs kd_loss_forward_cpu(const at::Tensor& student, const at::Tensor& t
     TORCH_CHECK_VALUE(known, "kd_loss_forward_cpu: unknown divergence id ", divergence);
   });
 
-  for (int64_t row = 0; row < rows; ++row) {
-    if (status[row] != kOk) {
-      raise_row_error(static_cast<RowStatus>(status[row]), row,
-                      target.has_value() ? target_rows.data_ptr<int64_t>()[row] : -1, vocab, ignore_index);
-    }
-  }
-  return {loss, grad_student, grad_teacher};
+  return {loss, grad_student, grad_teacher, status};
 }
 
 }  // namespace kdkernels

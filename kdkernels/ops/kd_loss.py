@@ -7,6 +7,7 @@ incoming per-row gradient."""
 
 from __future__ import annotations
 
+import enum
 from typing import Callable, Optional
 
 import torch
@@ -18,7 +19,40 @@ Tensor = torch.Tensor
 # Divergence name -> kernel id (csrc/divergences.h: enum Divergence).
 DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 
-KernelOutputs = tuple[Tensor, Tensor, Tensor]
+# (row_loss, grad_student, grad_teacher, status): the contract of csrc/kd_loss.h.
+KernelOutputs = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+class RowStatus(enum.IntEnum):
+    """Per-row outcome codes written by the kernels (csrc/row_status.h)."""
+
+    OK = 0
+    TARGET_OUT_OF_RANGE = 1
+    TARGET_MASKED = 2
+    STUDENT_NON_FINITE = 3
+    TEACHER_NON_FINITE = 4
+    STUDENT_ALL_MASKED = 5
+    TEACHER_ALL_MASKED = 6
+
+
+def _raise_for_status(status: Tensor, target: Optional[Tensor], vocab: int, ignore_index: int) -> None:
+    """Raises ValueError for the first row a kernel flagged, naming the input and the row."""
+    bad = status.nonzero()
+    if not bad.numel():
+        return
+    row = int(bad[0, 0])
+    code = RowStatus(int(status[row]))
+    label = int(target[row]) if target is not None else None
+    messages = {
+        RowStatus.TARGET_OUT_OF_RANGE:
+            f"target[{row}] = {label} is outside [0, {vocab}) and is not ignore_index ({ignore_index})",
+        RowStatus.TARGET_MASKED: f"target[{row}] = {label} points at a -inf student logit, so its cross-entropy is infinite",
+        RowStatus.STUDENT_NON_FINITE: f"student_logits row {row} contains NaN or +inf",
+        RowStatus.TEACHER_NON_FINITE: f"teacher_logits row {row} contains NaN or +inf",
+        RowStatus.STUDENT_ALL_MASKED: f"student_logits row {row} is all -inf",
+        RowStatus.TEACHER_ALL_MASKED: f"teacher_logits row {row} is all -inf",
+    }
+    raise ValueError(f"kd_loss: {messages[code]} (rows of the inputs flattened to [N, V])")
 
 
 def _cpu_kernel(student: Tensor, teacher: Tensor, target: Optional[Tensor], temperature: float,
@@ -39,8 +73,11 @@ def kd_loss_rows(student: Tensor, teacher: Tensor, target: Optional[Tensor], tem
                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Row losses ``soft_weight * D + hard_weight * CE`` of [N, V] logits (0 at rows whose
     target is ignore_index), and their gradients (empty [0, V] when not asked for)."""
-    return _KERNELS[backend](student, teacher, target, temperature, soft_weight, hard_weight,
-                             divergence, beta, ignore_index, student_grad, teacher_grad)
+    loss, grad_student, grad_teacher, status = _KERNELS[backend](
+        student, teacher, target, temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
+        student_grad, teacher_grad)
+    _raise_for_status(status, target, student.shape[1], ignore_index)
+    return loss, grad_student, grad_teacher
 
 
 @kd_loss_rows.register_fake
