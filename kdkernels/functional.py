@@ -138,19 +138,20 @@ def kd_loss(
     soft_scale = temperature**2 if scale_by_temperature else 1.0
     soft_weight = soft_scale * (alpha if target is not None else 1.0)
     hard_weight = 1.0 - alpha if target is not None else 0.0
+    row_weight = None
+    if reduction == "batchmean":
+        if num_items is not None:
+            denominator = torch.as_tensor(num_items, dtype=torch.float32, device=student.device)
+        elif rows_target is None:
+            denominator = torch.tensor(float(max(student.shape[0], 1)), device=student.device)
+        else:
+            denominator = (rows_target != ignore_index).sum().clamp_min(1).float()
+        row_weight = denominator.reciprocal()
     grad_enabled = torch.is_grad_enabled()
     rows, _, _ = kd_loss_rows(
-        student, teacher, rows_target, temperature, soft_weight, hard_weight, divergence, beta,
+        student, teacher, rows_target, row_weight, temperature, soft_weight, hard_weight, divergence, beta,
         int(ignore_index), grad_enabled and student_logits.requires_grad,
         grad_enabled and teacher_logits.requires_grad, backend)
-
     if reduction == "none":
         return rows.reshape(lead_shape)
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    if num_items is not None:
-        return total / num_items
-    if rows_target is None:
-        return total / max(rows.shape[0], 1)
-    return total / (rows_target != ignore_index).sum().clamp_min(1)
+    return rows.sum()

@@ -228,8 +228,8 @@ def test_opcheck(divergence):
     t = make_logits((5,), 37, torch.float32, seed=22)
     target = torch.tensor([1, -100, 3, 36, 0])
     for args in [
-        (s, t, target, 2.0, 4.0 * 0.5, 0.5, divergence, 0.5, -100, True, True, "cpu"),
-        (s, t.detach(), None, 1.0, 1.0, 0.0, divergence, 0.5, -100, True, False, "cpu"),
+        (s, t, target, torch.tensor(0.25), 2.0, 4.0 * 0.5, 0.5, divergence, 0.5, -100, True, True, "cpu"),
+        (s, t.detach(), None, None, 1.0, 1.0, 0.0, divergence, 0.5, -100, True, False, "cpu"),
     ]:
         torch.library.opcheck(torch.ops.kdkernels.kd_loss_rows.default, args)
 
@@ -252,3 +252,15 @@ def test_torch_compile_fullgraph(divergence):
     torch.testing.assert_close(loss, ref_loss)
     for grad, ref in zip(grads, ref_grads):
         torch.testing.assert_close(grad, ref)
+
+
+def test_backward_twice_with_retained_graph():
+    s = make_logits((4,), 19, torch.float32, seed=25)
+    t = make_logits((4,), 19, torch.float32, seed=26, requires_grad=False)
+    loss = kdk.kd_loss(s, t, temperature=2.0)
+    loss.backward(retain_graph=True)
+    once = s.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(s.grad, 2 * once)
+    (again,) = torch.autograd.grad(kdk.kd_loss(s, t, temperature=2.0), [s])
+    torch.testing.assert_close(again, once)

@@ -55,9 +55,12 @@ def _raise_for_status(status: Tensor, target: Optional[Tensor], vocab: int, igno
     raise ValueError(f"kd_loss: {messages[code]} (rows of the inputs flattened to [N, V])")
 
 
-def _cpu_kernel(student: Tensor, teacher: Tensor, target: Optional[Tensor], temperature: float,
-                soft_weight: float, hard_weight: float, divergence: str, beta: float,
+def _cpu_kernel(student: Tensor, teacher: Tensor, target: Optional[Tensor], row_weight: Optional[Tensor],
+                temperature: float, soft_weight: float, hard_weight: float, divergence: str, beta: float,
                 ignore_index: int, student_grad: bool, teacher_grad: bool) -> KernelOutputs:
+    if row_weight is not None:
+        weight = float(row_weight)
+        soft_weight, hard_weight = soft_weight * weight, hard_weight * weight
     return extension.require().kd_loss_forward_cpu(
         student, teacher, target, temperature, soft_weight, hard_weight, DIVERGENCES[divergence],
         beta, ignore_index, student_grad, teacher_grad)
@@ -67,21 +70,23 @@ _KERNELS: dict[str, Callable[..., KernelOutputs]] = {"cpu": _cpu_kernel}
 
 
 @torch.library.custom_op("kdkernels::kd_loss_rows", mutates_args=())
-def kd_loss_rows(student: Tensor, teacher: Tensor, target: Optional[Tensor], temperature: float,
-                 soft_weight: float, hard_weight: float, divergence: str, beta: float,
+def kd_loss_rows(student: Tensor, teacher: Tensor, target: Optional[Tensor], row_weight: Optional[Tensor],
+                 temperature: float, soft_weight: float, hard_weight: float, divergence: str, beta: float,
                  ignore_index: int, student_grad: bool, teacher_grad: bool,
                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Row losses ``soft_weight * D + hard_weight * CE`` of [N, V] logits (0 at rows whose
-    target is ignore_index), and their gradients (empty [0, V] when not asked for)."""
+    """Row losses ``row_weight * (soft_weight * D + hard_weight * CE)`` of [N, V] logits (0 at
+    rows whose target is ignore_index), and their gradients (empty [0, V] when not asked for).
+    row_weight (a 0-d tensor, e.g. 1 / number of rows for a mean; None for 1) is folded into
+    the kernel, so that the common backward from a plain sum needs no pass over the gradients."""
     loss, grad_student, grad_teacher, status = _KERNELS[backend](
-        student, teacher, target, temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
+        student, teacher, target, row_weight, temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
         student_grad, teacher_grad)
     _raise_for_status(status, target, student.shape[1], ignore_index)
     return loss, grad_student, grad_teacher
 
 
 @kd_loss_rows.register_fake
-def _(student, teacher, target, temperature, soft_weight, hard_weight, divergence, beta,
+def _(student, teacher, target, row_weight, temperature, soft_weight, hard_weight, divergence, beta,
       ignore_index, student_grad, teacher_grad, backend):
     rows, vocab = student.shape
     acc_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
@@ -94,14 +99,25 @@ def _setup_context(ctx, inputs, output) -> None:
     _, grad_student, grad_teacher = output
     ctx.save_for_backward(grad_student, grad_teacher)
     ctx.mark_non_differentiable(grad_student, grad_teacher)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient-sized buffers for those outputs
 
 
-def _backward(ctx, grad_loss: Tensor, _grad_student_out, _grad_teacher_out):
-    grad_student, grad_teacher = ctx.saved_tensors
-    scale = grad_loss.unsqueeze(-1).to(grad_student.dtype)
-    student = grad_student * scale if ctx.needs_input_grad[0] else None
-    teacher = grad_teacher * scale if ctx.needs_input_grad[1] else None
-    return (student, teacher) + (None,) * 10
+def _is_exactly_one(grad: Tensor) -> bool:
+    """Whether an upstream gradient is all ones, asked only where that costs no device sync and
+    the tensor holds real data (not while tracing)."""
+    concrete = type(grad) is torch.Tensor and not torch._is_functional_tensor(grad)
+    return (concrete and not torch.compiler.is_compiling() and grad.device.type == "cpu"
+            and bool((grad == 1).all()))
+
+
+def _backward(ctx, grad_loss: Optional[Tensor], _grad_student_out, _grad_teacher_out):
+    if grad_loss is None:  # the row losses did not reach the differentiated output
+        return (None,) * 13
+    grads = [grad if needed else None for grad, needed in zip(ctx.saved_tensors, ctx.needs_input_grad[:2])]
+    if not _is_exactly_one(grad_loss):  # else loss.sum().backward(): the saved gradients are the answer
+        scale = grad_loss.unsqueeze(-1)
+        grads = [None if grad is None else grad * scale.to(grad.dtype) for grad in grads]
+    return (*grads,) + (None,) * 11
 
 
 kd_loss_rows.register_autograd(_backward, setup_context=_setup_context)
