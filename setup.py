@@ -28,11 +28,18 @@ def _extension():
         and os.environ.get("KDKERNELS_NO_CUDA", "0") != "1"
     )
     if with_cuda:
+        # By default H100 (sm_90a), A100 (sm_80) and PTX of the last for later GPUs;
+        # KDKERNELS_CUDA_ARCHS (e.g. "90a") narrows the build. No --use_fast_math: the kernels
+        # choose their fast intrinsics explicitly (csrc/cuda/kd_loss_kernels.cuh, DeviceMath).
+        archs = os.environ.get("KDKERNELS_CUDA_ARCHS", "90a,80").split(",")
+        nvcc_flags = ["-O3", "-std=c++17", "-lineinfo"]
+        nvcc_flags += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        nvcc_flags += [f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
         return CUDAExtension(
             "kdkernels._C",
             sources + cuda_sources,
             define_macros=[("KDKERNELS_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             extra_link_args=["-fopenmp"],
         )
     return CppExtension("kdkernels._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])

@@ -8,6 +8,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kd_loss_forward_cpu", &kdkernels::kd_loss_forward_cpu,
         "Fused KD loss forward on CPU: row losses and logit gradients");
 #ifdef KDKERNELS_WITH_CUDA
+  m.def("kd_loss_forward_cuda", &kdkernels::kd_loss_forward_cuda,
+        "Fused KD loss forward on CUDA: row losses and logit gradients");
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

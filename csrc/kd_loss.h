@@ -17,10 +17,39 @@ namespace kdkernels {
 
 using KDLossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// The checks every entry point makes (`entry` names it in the messages); returns the target as a
+// contiguous int64 [N] tensor, or an undefined tensor without target.
+inline at::Tensor check_kd_loss_inputs(const char* entry, const at::Tensor& student, const at::Tensor& teacher,
+                                       const std::optional<at::Tensor>& target, double temperature) {
+  TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes(), entry,
+              ": expected student and teacher of the same shape [N, V]");
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), entry, ": dtypes differ");
+  TORCH_CHECK(teacher.device() == student.device(), entry, ": student and teacher on different devices");
+  TORCH_CHECK(student.size(1) <= 1 || (student.stride(1) == 1 && teacher.stride(1) == 1), entry,
+              ": unit stride along V expected");
+  TORCH_CHECK(temperature > 0, entry, ": temperature must be > 0");
+  if (!target.has_value()) return {};
+  TORCH_CHECK(target->scalar_type() == at::kLong && target->dim() == 1 && target->size(0) == student.size(0) &&
+                  target->device() == student.device(),
+              entry, ": target must be int64 [N] on the logits' device");
+  return target->contiguous();
+}
+
 KDLossOutputs kd_loss_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                   const std::optional<at::Tensor>& target, double temperature,
                                   double soft_weight, double hard_weight, int64_t divergence,
                                   double beta, int64_t ignore_index, bool student_grad,
                                   bool teacher_grad);
+
+#ifdef KDKERNELS_WITH_CUDA
+// As above, and every row's loss and gradients are multiplied by row_weight (a float32 scalar
+// tensor on the device, read there: no host sync), when given.
+KDLossOutputs kd_loss_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                                   const std::optional<at::Tensor>& target,
+                                   const std::optional<at::Tensor>& row_weight, double temperature,
+                                   double soft_weight, double hard_weight, int64_t divergence,
+                                   double beta, int64_t ignore_index, bool student_grad,
+                                   bool teacher_grad);
+#endif
 
 }  // namespace kdkernels

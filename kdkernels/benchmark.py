@@ -1,10 +1,15 @@
-"""Side-by-side benchmark of kd_loss against kdkernels.reference (eager and torch.compile):
-forward + backward time and peak memory. Each measurement runs in a fresh process, so that
-compile caches, allocator state and the peak-memory counter start clean."""
+"""Side-by-side benchmark of kd_loss against kdkernels.reference (eager and torch.compile), and on
+CUDA against Liger-Kernel: forward + backward time and peak memory, and on CUDA the achieved
+bandwidth on the minimal bytes (student and teacher read once, the student gradient written once:
+3 * N * V * itemsize) against the measured device-to-device copy bandwidth.
+
+On CPU each measurement runs in a fresh process, so that compile caches, allocator state and the
+peak-memory counter start clean; on CUDA the caching allocator's peak counter is reset instead."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -19,14 +24,35 @@ import torch
 import kdkernels
 from kdkernels import reference
 
-IMPLEMENTATIONS = ("kdkernels", "reference", "reference_compiled")
+IMPLEMENTATIONS = ("kdkernels", "kdkernels-triton", "kdkernels-cuda", "reference", "reference_compiled", "liger")
+DEFAULT_IMPLEMENTATIONS = {
+    "cpu": ("kdkernels", "reference", "reference_compiled"),
+    "cuda": ("kdkernels-triton", "kdkernels-cuda", "reference", "reference_compiled", "liger"),
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOSS_OPTIONS = dict(temperature=2.0, alpha=0.5, divergence="forward_kl")
 
 
-def _loss_fn(impl: str, backend: str) -> Callable[..., torch.Tensor]:
-    if impl == "kdkernels":
+def _liger_loss() -> Callable[..., torch.Tensor]:
+    """Liger-Kernel's path for the same loss: log-softmax, LigerKLDIVLoss and LigerCrossEntropyLoss."""
+    from liger_kernel.transformers import LigerCrossEntropyLoss, LigerKLDIVLoss
+
+    kl, ce = LigerKLDIVLoss(reduction="batchmean", log_target=True), LigerCrossEntropyLoss()
+    temperature, alpha = LOSS_OPTIONS["temperature"], LOSS_OPTIONS["alpha"]
+
+    def loss(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        soft = kl(torch.log_softmax(s / temperature, -1), torch.log_softmax(t / temperature, -1))
+        return alpha * temperature**2 * soft + (1 - alpha) * ce(s, y)
+
+    return loss
+
+
+def _loss_fn(impl: str) -> Callable[..., torch.Tensor]:
+    if impl.startswith("kdkernels"):
+        backend = impl.partition("-")[2] or "auto"
         return lambda s, t, y: kdkernels.kd_loss(s, t, y, backend=backend, **LOSS_OPTIONS)
+    if impl == "liger":
+        return _liger_loss()
     if impl == "reference":
         return lambda s, t, y: reference.kd_loss(s, t, y, **LOSS_OPTIONS)
     if impl == "reference_compiled":
@@ -52,33 +78,48 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def measure(impl: str, rows: int, vocab: int, dtype: str, device: str, repeats: int, backend: str = "auto") -> dict:
-    """Median forward+backward time and peak memory above the inputs of one configuration."""
-    torch.manual_seed(0)
+def _inputs(rows: int, vocab: int, dtype: str, device: str, seed: int) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator(device=device).manual_seed(seed)
+    student = torch.randn(rows, vocab, device=device, generator=generator).mul_(2).to(DTYPES[dtype])
+    teacher = torch.randn(rows, vocab, device=device, generator=generator).mul_(2).to(DTYPES[dtype])
+    target = torch.randint(0, vocab, (rows,), device=device, generator=generator)
+    return student.requires_grad_(True), teacher, target
+
+
+def measure(impl: str, rows: int, vocab: int, dtype: str, device: str, repeats: int) -> dict:
+    """Median forward+backward time and peak memory above the inputs of one configuration. On
+    CUDA the timed steps rotate over input sets (as many as fit, up to 3) so that no step finds
+    its inputs in L2, and are timed with CUDA events."""
     dev = torch.device(device)
-    student = (torch.randn(rows, vocab, device=dev) * 2).to(DTYPES[dtype]).requires_grad_(True)
-    teacher = (torch.randn(rows, vocab, device=dev) * 2).to(DTYPES[dtype])
-    target = torch.randint(0, vocab, (rows,), device=dev)
-    fn = _loss_fn(impl, backend)
+    set_bytes = 2 * rows * vocab * torch.finfo(DTYPES[dtype]).bits // 8
+    sets = 1 if dev.type == "cpu" else max(1, min(3, int(0.25 * torch.cuda.mem_get_info()[0]) // set_bytes))
+    input_sets = [_inputs(rows, vocab, dtype, device, seed) for seed in range(sets)]
+    student, teacher, target = input_sets[0]
+    fn = _loss_fn(impl)
 
-    def step() -> None:
-        student.grad = None
-        fn(student, teacher, target).backward()
+    def step(inputs: tuple[torch.Tensor, ...]) -> None:
+        inputs[0].grad = None
+        fn(*inputs).backward()
 
-    def synchronize() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
-    step()  # warm-up: compilation, first-touch allocations
+    step(input_sets[0])  # warm-up: compilation, autotuning, first-touch allocations
     times = []
-    for _ in range(repeats):
-        synchronize()
-        start = time.perf_counter()
-        step()
-        synchronize()
-        times.append(time.perf_counter() - start)
+    for i in range(repeats):
+        inputs = input_sets[i % sets]
+        if dev.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(inputs)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            begin = time.perf_counter()
+            step(inputs)
+            times.append(time.perf_counter() - begin)
 
-    student.grad = None
+    for inputs in input_sets:
+        inputs[0].grad = None
+    step = functools.partial(step, input_sets[0])
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -91,11 +132,40 @@ def measure(impl: str, rows: int, vocab: int, dtype: str, device: str, repeats: 
             step()
             peak = _rss_bytes("VmHWM") - base
     grad_bytes = rows * vocab * student.element_size()
+    median = statistics.median(times)
     return {
         "impl": impl, "rows": rows, "vocab": vocab, "dtype": dtype, "device": device,
-        "median_ms": statistics.median(times) * 1e3, "times_ms": [t * 1e3 for t in times],
+        "median_ms": median * 1e3, "times_ms": [t * 1e3 for t in times],
+        "minimal_bytes": 3 * grad_bytes, "gbps": 3 * grad_bytes / median / 1e9,
         "peak_bytes": peak, "peak_in_gradients": peak / grad_bytes if peak >= 0 else None,
     }
+
+
+def copy_bandwidth_gbps(device: str, nbytes: int = 2**32) -> float:
+    """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
+def _measure_here(impl: str, rows: int, vocab: int, dtype: str, device: str, repeats: int) -> dict:
+    """A CUDA measurement in this process; an implementation that runs out of memory is recorded so."""
+    try:
+        return measure(impl, rows, vocab, dtype, device, repeats)
+    except torch.OutOfMemoryError:
+        return {"impl": impl, "rows": rows, "vocab": vocab, "dtype": dtype, "device": device, "error": "out of memory"}
+    finally:
+        torch.cuda.empty_cache()
 
 
 def _measure_in_subprocess(impl: str, rows: int, vocab: int, dtype: str, device: str, repeats: int) -> dict:
@@ -117,39 +187,89 @@ def environment(device: str) -> dict[str, Any]:
         "device": device,
     }
     if device == "cuda":
-        info["device_name"] = torch.cuda.get_device_name()
+        import triton
+
+        info.update(device_name=torch.cuda.get_device_name(), cuda=torch.version.cuda, triton=triton.__version__,
+                    driver=_nvidia_smi("driver_version"), copy_gbps=copy_bandwidth_gbps(device))
     return info
 
 
+def _nvidia_smi(field: str) -> Optional[str]:
+    try:
+        done = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"], capture_output=True,
+                              text=True, check=True)
+        return done.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def run(rows: int, vocabs: list[int], dtypes: list[str], device: str, repeats: int,
-        impls: tuple[str, ...] = IMPLEMENTATIONS, json_path: Optional[str] = None) -> list[dict]:
-    """Measures every configuration, prints the table with ratios, optionally writes JSON."""
+        impls: Optional[tuple[str, ...]] = None, json_path: Optional[str] = None) -> list[dict]:
+    """Measures every configuration, prints the table with ratios, optionally writes JSON (and,
+    with matplotlib installed, a PNG plot beside it)."""
+    impls = impls or DEFAULT_IMPLEMENTATIONS[device]
+    measure_one = _measure_in_subprocess if device == "cpu" else _measure_here
     results = []
     for vocab in vocabs:
         for dtype in dtypes:
             for impl in impls:
-                results.append(_measure_in_subprocess(impl, rows, vocab, dtype, device, repeats))
-    print(format_table(results))
+                results.append(measure_one(impl, rows, vocab, dtype, device, repeats))
+                print(json.dumps({k: v for k, v in results[-1].items() if k != "times_ms"}), flush=True)
+    env = environment(device)
+    print(format_table(results, env.get("copy_gbps")))
     if json_path:
         with open(json_path, "w") as out:
-            json.dump({"environment": environment(device), "loss_options": LOSS_OPTIONS, "results": results}, out,
-                      indent=2)
+            json.dump({"environment": env, "loss_options": LOSS_OPTIONS, "results": results}, out, indent=2)
         print(f"wrote {json_path}")
+        _plot(results, os.path.splitext(json_path)[0] + ".png")
     return results
 
 
-def format_table(results: list[dict]) -> str:
-    """Markdown table: time and peak memory per implementation, and the speed-up of kdkernels."""
-    by_key = {(r["vocab"], r["dtype"], r["impl"]): r for r in results}
-    lines = ["| rows x V | dtype | implementation | fwd+bwd ms | peak MiB | peak / grad | kdkernels speed-up |",
-             "|---|---|---|---:|---:|---:|---:|"]
+def _plot(results: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = sorted({r["dtype"] for r in results})
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes):
+        for impl in dict.fromkeys(r["impl"] for r in results):
+            points = [(r["vocab"], r["median_ms"]) for r in results
+                      if r["impl"] == impl and r["dtype"] == dtype and "median_ms" in r]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=impl)
+        ax.set(title=f"kd_loss fwd+bwd, {dtype}, {results[0]['rows']} rows", xlabel="V", ylabel="ms", yscale="log")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def format_table(results: list[dict], copy_gbps: Optional[float] = None) -> str:
+    """Markdown table: time, bandwidth and peak memory per implementation, and how much slower
+    each is than the fastest kdkernels backend of its configuration."""
+    def fastest_ours(r: dict) -> Optional[dict]:
+        ours = [o for o in results if o["impl"].startswith("kdkernels") and "median_ms" in o
+                and (o["vocab"], o["dtype"]) == (r["vocab"], r["dtype"])]
+        return min(ours, key=lambda o: o["median_ms"], default=None)
+
+    bandwidth = f" (% of copy {copy_gbps:.0f} GB/s)" if copy_gbps else ""
+    lines = [f"| rows x V | dtype | implementation | fwd+bwd ms | GB/s{bandwidth} | peak MiB | peak / grad "
+             "| time / kdkernels |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in results:
-        ours = by_key.get((r["vocab"], r["dtype"], "kdkernels"))
-        speedup = f"{r['median_ms'] / ours['median_ms']:.1f}x" if ours and r is not ours else ""
+        head = f"| {r['rows']} x {r['vocab']} | {r['dtype']} | {r['impl']} "
+        if "median_ms" not in r:
+            lines.append(head + f"| {r['error']} | | | | |")
+            continue
+        ours = fastest_ours(r)
+        ratio = f"{r['median_ms'] / ours['median_ms']:.2f}x" if ours else ""
+        gbps = f"{r['gbps']:.0f}" + (f" ({100 * r['gbps'] / copy_gbps:.0f} %)" if copy_gbps else "")
         peak = f"{r['peak_bytes'] / 2**20:.0f}" if r["peak_bytes"] >= 0 else "n/a"
-        ratio = f"{r['peak_in_gradients']:.2f}" if r["peak_in_gradients"] is not None else "n/a"
-        lines.append(f"| {r['rows']} x {r['vocab']} | {r['dtype']} | {r['impl']} | {r['median_ms']:.1f} | {peak} "
-                     f"| {ratio} | {speedup} |")
+        grads = f"{r['peak_in_gradients']:.2f}" if r["peak_in_gradients"] is not None else "n/a"
+        lines.append(head + f"| {r['median_ms']:.2f} | {gbps} | {peak} | {grads} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -159,7 +279,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--impl", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
+    parser.add_argument("--impl", nargs="+", default=None, choices=IMPLEMENTATIONS,
+                        help="default: all that apply to the device")
     parser.add_argument("--json", dest="json_path", default=None, help="write the results here")
 
 
@@ -171,7 +292,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.measure:
         print(json.dumps(measure(args.measure, args.rows, args.vocab[0], args.dtype[0], args.device, args.repeats)))
         return 0
-    run(args.rows, args.vocab, args.dtype, args.device, args.repeats, tuple(args.impl), args.json_path)
+    run(args.rows, args.vocab, args.dtype, args.device, args.repeats, args.impl and tuple(args.impl), args.json_path)
     return 0
 
 

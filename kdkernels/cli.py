@@ -43,7 +43,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
-    benchmark.run(args.rows, args.vocab, args.dtype, args.device, args.repeats, tuple(args.impl), args.json_path)
+    benchmark.run(args.rows, args.vocab, args.dtype, args.device, args.repeats, args.impl and tuple(args.impl),
+                  args.json_path)
     return 0
 
 

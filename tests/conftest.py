@@ -17,12 +17,12 @@ LOSS_RTOL = {torch.float64: 1e-10, torch.float32: 5e-5, torch.bfloat16: 5e-5, to
 
 
 def make_logits(lead: tuple[int, ...], vocab: int, dtype: torch.dtype, *, contiguous: bool = True,
-                scale: float = 3.0, seed: int = 0, requires_grad: bool = True) -> torch.Tensor:
+                scale: float = 3.0, seed: int = 0, requires_grad: bool = True, device: str = "cpu") -> torch.Tensor:
     """Random logits of shape lead + (vocab,); the non-contiguous variant is a strided view
     (wider rows sliced for 2-D inputs, a transposed layout otherwise)."""
     generator = torch.Generator().manual_seed(seed)
     def randn(*size: int) -> torch.Tensor:
-        return (torch.randn(*size, generator=generator) * scale).to(dtype)
+        return (torch.randn(*size, generator=generator) * scale).to(device=device, dtype=dtype)
 
     if contiguous:
         x = randn(*lead, vocab)
@@ -35,20 +35,20 @@ def make_logits(lead: tuple[int, ...], vocab: int, dtype: torch.dtype, *, contig
 
 
 def make_target(lead: tuple[int, ...], vocab: int, *, ignored: bool, seed: int = 1,
-                ignore_index: int = -100) -> torch.Tensor:
+                ignore_index: int = -100, device: str = "cpu") -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     target = torch.randint(0, vocab, lead, generator=generator)
     if ignored:
         flat = target.view(-1)
         flat[:: 3] = ignore_index
-    return target
+    return target.to(device)
 
 
 def loss_and_grads(fn, student: torch.Tensor, teacher: torch.Tensor, target: Optional[torch.Tensor], **kwargs):
     loss = fn(student, teacher, target, **kwargs)
     inputs = [x for x in (student, teacher) if x.requires_grad]
     # A fixed, non-uniform upstream gradient also checks how backward scales per row.
-    weight = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    weight = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).reshape(loss.shape)
     grads = torch.autograd.grad((loss * weight).sum(), inputs, allow_unused=True)
     return loss.detach(), grads
 

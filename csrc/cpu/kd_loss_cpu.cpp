@@ -361,20 +361,9 @@ KDLossOutputs kd_loss_forward_cpu(const at::Tensor& student, const at::Tensor& t
                                   double soft_weight, double hard_weight, int64_t divergence,
                                   double beta, int64_t ignore_index, bool student_grad,
                                   bool teacher_grad) {
-  TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes(),
-              "kd_loss_forward_cpu: expected student and teacher of the same shape [N, V]");
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "kd_loss_forward_cpu: dtypes differ");
-  TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu(), "kd_loss_forward_cpu: CPU tensors expected");
-  TORCH_CHECK(student.size(1) <= 1 || (student.stride(1) == 1 && teacher.stride(1) == 1),
-              "kd_loss_forward_cpu: unit stride along V expected");
-  TORCH_CHECK(temperature > 0, "kd_loss_forward_cpu: temperature must be > 0");
+  const at::Tensor target_rows = check_kd_loss_inputs("kd_loss_forward_cpu", student, teacher, target, temperature);
+  TORCH_CHECK(student.device().is_cpu(), "kd_loss_forward_cpu: CPU tensors expected");
   const int64_t rows = student.size(0), vocab = student.size(1);
-  at::Tensor target_rows;
-  if (target.has_value()) {
-    TORCH_CHECK(target->scalar_type() == at::kLong && target->dim() == 1 && target->size(0) == rows,
-                "kd_loss_forward_cpu: target must be int64 [N]");
-    target_rows = target->contiguous();
-  }
   const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor loss = at::empty({rows}, student.options().dtype(acc_dtype));
   at::Tensor grad_student = at::empty({student_grad ? rows : 0, vocab}, student.options());

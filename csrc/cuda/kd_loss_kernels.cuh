@@ -8,12 +8,14 @@
 // A row is read in packs of kVec elements (one 16-byte access) from its first 16-byte aligned
 // element on, the unaligned head and tail one element at a time; kVec = 1 is the scalar
 // fallback for rows whose tensors are not equally misaligned. When the launcher finds room,
-// read 1 also copies the row into shared memory and reads 2 and 3 use that copy, so that
-// global memory is read once; otherwise they re-read global memory (mostly L2).
+// the row is first copied into shared memory with asynchronous copies, all in flight at once,
+// and the reads use that copy, so that global memory is read once; otherwise every read reads
+// global memory (reads 2 and 3 mostly from L2).
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline_primitives.h>
 #include <cuda_runtime.h>
 
 #include <cfloat>
@@ -28,8 +30,14 @@
 namespace kdkernels {
 namespace cuda_kernels {
 
-constexpr int kMaxThreads = 1024;  // launch bound: at most 64 registers per thread
 constexpr int kWarpSize = 32;
+
+// Launch bounds: at most 64 registers per thread in float, so that two CTAs of 512 threads
+// fit an SM; fp64 (gradcheck) gets 128 registers and 256 threads.
+template <typename acc_t>
+constexpr int kMaxThreads = sizeof(acc_t) == 8 ? 256 : 512;
+constexpr int kMinBlocksPerSM = 2;
+constexpr int kMaxWarps = kMaxThreads<float> / kWarpSize;
 
 // Elements of scalar_t in one 16-byte access.
 template <typename scalar_t>
@@ -52,10 +60,12 @@ struct KernelArgs {
   scalar_t* grad_student;  // [N, V] contiguous, or nullptr
   scalar_t* grad_teacher;
   int8_t* status;
-  int64_t vocab, ignore_index;
+  const float* row_weight;  // 0-d weight of every row (e.g. 1 / rows counted), read on the device; or nullptr
+  int vocab;  // below 2^31 - 64: indices within a row are 32-bit, row offsets 64-bit
+  int64_t ignore_index;
   acc_t inv_temperature, soft_weight, hard_weight;
   bool unit_temperature;
-  bool cache_rows;  // keep the row in dynamic shared memory for reads 2 and 3
+  bool cache_rows;  // copy the row into dynamic shared memory first, and read it there
   DivergenceParams<acc_t> params;
 };
 
@@ -123,31 +133,27 @@ template <typename scalar_t, int N>
 using PackWord = typename RawWord<sizeof(Pack<scalar_t, N>)>::type;
 
 template <typename scalar_t, int N>
-__device__ __forceinline__ Pack<scalar_t, N> from_word(const PackWord<scalar_t, N>& word) {
-  Pack<scalar_t, N> pack;
-  memcpy(&pack, &word, sizeof(pack));
-  return pack;
-}
-
-template <typename scalar_t, int N>
 __device__ __forceinline__ PackWord<scalar_t, N> to_word(const Pack<scalar_t, N>& pack) {
   PackWord<scalar_t, N> word;
   memcpy(&word, &pack, sizeof(pack));
   return word;
 }
 
-// Read-only global input (read 1), also copied as is to `copy` (shared memory) when `keep`:
-// storing the loaded word, not the pack, keeps the copy one vector store.
+// Starts an asynchronous copy of a pack from global to shared memory (cp.async for 4, 8 and
+// 16 bytes; a plain copy for a single 16-bit element).
 template <int N, typename scalar_t>
-__device__ __forceinline__ Pack<scalar_t, N> load_global(const scalar_t* p, bool keep, scalar_t* copy) {
-  const PackWord<scalar_t, N> word = __ldg(reinterpret_cast<const PackWord<scalar_t, N>*>(p));
-  if (keep) *static_cast<PackWord<scalar_t, N>*>(__builtin_assume_aligned(copy, sizeof(word))) = word;
-  return from_word<scalar_t, N>(word);
+__device__ __forceinline__ void copy_to_shared_async(scalar_t* dst, const scalar_t* src) {
+  constexpr int kBytes = sizeof(Pack<scalar_t, N>);
+  if constexpr (kBytes >= 4) {
+    __pipeline_memcpy_async(dst, src, kBytes);
+  } else {
+    *reinterpret_cast<Pack<scalar_t, N>*>(dst) = *reinterpret_cast<const Pack<scalar_t, N>*>(src);
+  }
 }
 
-// Global or shared memory (reads 2 and 3 use the shared-memory copy when there is one),
-// loaded as the aligned Pack type: a word load followed by the memcpy to the pack would be
-// merged into a byte-wise copy.
+// A pack of the row, from its shared-memory copy or from global memory. Loaded as the aligned
+// Pack type: a word load followed by the memcpy to the pack would be merged into a byte-wise
+// copy.
 template <int N, typename scalar_t>
 __device__ __forceinline__ Pack<scalar_t, N> load_any(const scalar_t* p) {
   return *reinterpret_cast<const Pack<scalar_t, N>*>(p);
@@ -164,16 +170,16 @@ using Width = std::integral_constant<int, N>;
 
 // Calls fn(Width<n>{}, j) for the packs of a row of `vocab` elements: packs of kVec elements
 // from `head` (the first aligned element) on, spread over the threads in order so that a warp
-// reads consecutive words, then the unaligned head and tail elements one by one. Every read of
-// a row uses this same mapping, so each thread reads back from shared memory what it wrote.
+// reads consecutive words, then the unaligned head and tail elements one by one. Every pass
+// over a row uses this same mapping, so each thread reads from shared memory what it copied.
 template <int kVec, typename Fn>
-__device__ __forceinline__ void for_each_pack(int64_t vocab, int64_t head, Fn&& fn) {
-  const int64_t packs = (vocab - head) / kVec;
-  for (int64_t k = threadIdx.x; k < packs; k += blockDim.x) fn(Width<kVec>{}, head + k * kVec);
+__device__ __forceinline__ void for_each_pack(int vocab, int head, Fn&& fn) {
+  const int packs = (vocab - head) / kVec;
+  for (int k = threadIdx.x; k < packs; k += blockDim.x) fn(Width<kVec>{}, head + k * kVec);
   if constexpr (kVec > 1) {
-    const int64_t body_end = head + packs * kVec;
-    const int64_t singles = head + (vocab - body_end);
-    for (int64_t k = threadIdx.x; k < singles; k += blockDim.x) {
+    const int body_end = head + packs * kVec;
+    const int singles = head + (vocab - body_end);
+    for (int k = threadIdx.x; k < singles; k += blockDim.x) {
       fn(Width<1>{}, k < head ? k : body_end + (k - head));
     }
   }
@@ -203,24 +209,14 @@ __device__ __forceinline__ acc_t pack_max(const acc_t (&x)[N], int& bad) {
 // Block reductions. T provides identity() and combine(); every thread gets the same result
 // (lane 0's, broadcast), so that branches on it are uniform across the block.
 
-template <typename T>
-__device__ __forceinline__ T shuffle_down(const T& value, int delta) {
+// A warp shuffle of any T, as 32-bit words: shuffle(word) -> word.
+template <typename T, typename Shuffle>
+__device__ __forceinline__ T shuffle_words(const T& value, Shuffle shuffle) {
   static_assert(sizeof(T) % 4 == 0, "shuffled as 32-bit words");
   unsigned int words[sizeof(T) / 4];
   memcpy(words, &value, sizeof(T));
 #pragma unroll
-  for (int i = 0; i < static_cast<int>(sizeof(T) / 4); ++i) words[i] = __shfl_down_sync(0xffffffffu, words[i], delta);
-  T out;
-  memcpy(&out, words, sizeof(T));
-  return out;
-}
-
-template <typename T>
-__device__ __forceinline__ T broadcast_lane0(const T& value) {
-  unsigned int words[sizeof(T) / 4];
-  memcpy(words, &value, sizeof(T));
-#pragma unroll
-  for (int i = 0; i < static_cast<int>(sizeof(T) / 4); ++i) words[i] = __shfl_sync(0xffffffffu, words[i], 0);
+  for (int i = 0; i < static_cast<int>(sizeof(T) / 4); ++i) words[i] = shuffle(words[i]);
   T out;
   memcpy(&out, words, sizeof(T));
   return out;
@@ -229,14 +225,17 @@ __device__ __forceinline__ T broadcast_lane0(const T& value) {
 template <typename T>
 __device__ __forceinline__ T warp_reduce(T value) {
 #pragma unroll
-  for (int delta = kWarpSize / 2; delta > 0; delta /= 2) value = T::combine(value, shuffle_down(value, delta));
-  return broadcast_lane0(value);
+  for (int delta = kWarpSize / 2; delta > 0; delta /= 2) {
+    const T other = shuffle_words(value, [delta](unsigned int w) { return __shfl_down_sync(~0u, w, delta); });
+    value = T::combine(value, other);
+  }
+  return shuffle_words(value, [](unsigned int w) { return __shfl_sync(~0u, w, 0); });
 }
 
 // blockDim.x must be a multiple of the warp size.
 template <typename T>
 __device__ __forceinline__ T block_reduce(T value) {
-  __shared__ __align__(16) unsigned char storage[kMaxThreads / kWarpSize * sizeof(T)];
+  __shared__ __align__(16) unsigned char storage[kMaxWarps * sizeof(T)];
   T* partials = reinterpret_cast<T*>(storage);
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   value = warp_reduce(value);
@@ -247,32 +246,47 @@ __device__ __forceinline__ T block_reduce(T value) {
   return value;
 }
 
-// Running (max, sum of exp(x - max)) of one input, with the support sums of divergences that
-// take their row sums from the statistics; all rescaled together when the max moves.
-template <typename acc_t>
+// Running max of one input and sums rescaled with it: sum[0] is the sum of exp(x - max); with
+// kSums = 3 (divergences that take their row sums from the statistics) sum[1] and sum[2] are
+// the support sums, mass and mass-weighted log-ratio.
+template <typename acc_t, int kSums>
 struct OnlineSide {
-  acc_t max, sum, mass, logratio;
+  acc_t max;
+  acc_t sum[kSums];
 
-  static __device__ __forceinline__ OnlineSide identity() { return {neg_inf<acc_t>(), 0, 0, 0}; }
+  static __device__ __forceinline__ OnlineSide identity() {
+    OnlineSide side;
+    side.max = neg_inf<acc_t>();
+#pragma unroll
+    for (int k = 0; k < kSums; ++k) side.sum[k] = 0;
+    return side;
+  }
 
   // Merge of two partial statistics, as OnlineSide::merge of the CPU kernel.
   static __device__ __forceinline__ OnlineSide combine(OnlineSide x, const OnlineSide& o) {
-    if (!(o.sum > 0)) return x;
+    if (!(o.sum[0] > 0)) return x;
     if (o.max > x.max) {
-      const acc_t r = DeviceMath<acc_t>::precise_exp(x.max - o.max);
-      return {o.max, x.sum * r + o.sum, x.mass * r + o.mass, x.logratio * r + o.logratio};
+      x.rescale(DeviceMath<acc_t>::precise_exp(x.max - o.max));
+      x.max = o.max;
+#pragma unroll
+      for (int k = 0; k < kSums; ++k) x.sum[k] += o.sum[k];
+    } else {
+      const acc_t r = DeviceMath<acc_t>::precise_exp(o.max - x.max);
+#pragma unroll
+      for (int k = 0; k < kSums; ++k) x.sum[k] += o.sum[k] * r;
     }
-    const acc_t r = DeviceMath<acc_t>::precise_exp(o.max - x.max);
-    return {x.max, x.sum + o.sum * r, x.mass + o.mass * r, x.logratio + o.logratio * r};
+    return x;
+  }
+
+  __device__ __forceinline__ void rescale(acc_t r) {
+#pragma unroll
+    for (int k = 0; k < kSums; ++k) sum[k] *= r;
   }
 
   // Moves the max up to m (if above), rescaling the sums.
   __device__ __forceinline__ void raise_max(acc_t m) {
     if (m > max) {
-      const acc_t r = DeviceMath<acc_t>::precise_exp(max - m);
-      sum *= r;
-      mass *= r;
-      logratio *= r;
+      rescale(DeviceMath<acc_t>::precise_exp(max - m));
       max = m;
     }
   }
@@ -280,14 +294,18 @@ struct OnlineSide {
   // The exp offset: the max, or 0 while everything seen is -inf (every exp is then 0).
   __device__ __forceinline__ acc_t offset() const { return max == neg_inf<acc_t>() ? acc_t(0) : max; }
 
-  __device__ __forceinline__ acc_t lse() const { return max + DeviceMath<acc_t>::precise_log(sum); }
+  __device__ __forceinline__ acc_t lse() const { return max + DeviceMath<acc_t>::precise_log(sum[0]); }
+
+  // The support sums normalised by the exp sum.
+  __device__ __forceinline__ acc_t mass() const { return sum[1] / sum[0]; }
+  __device__ __forceinline__ acc_t logratio() const { return sum[2] / sum[0]; }
 
   template <int N>
   __device__ __forceinline__ void accumulate_exp(const acc_t (&x)[N], acc_t pack_max) {
     raise_max(pack_max);
     const acc_t off = offset();
 #pragma unroll
-    for (int i = 0; i < N; ++i) sum += DeviceMath<acc_t>::exp(x[i] - off);
+    for (int i = 0; i < N; ++i) sum[0] += DeviceMath<acc_t>::exp(x[i] - off);
   }
 };
 
@@ -295,8 +313,8 @@ struct OnlineSide {
 // mass-weighted log-ratio for each side.
 template <int N, typename acc_t>
 __device__ __forceinline__ void accumulate_exp_with_support(const acc_t (&a)[N], const acc_t (&b)[N], acc_t max_a,
-                                                            acc_t max_b, OnlineSide<acc_t>& side_a,
-                                                            OnlineSide<acc_t>& side_b) {
+                                                            acc_t max_b, OnlineSide<acc_t, 3>& side_a,
+                                                            OnlineSide<acc_t, 3>& side_b) {
   side_a.raise_max(max_a);
   side_b.raise_max(max_b);
   const acc_t off_a = side_a.offset(), off_b = side_b.offset();
@@ -305,27 +323,31 @@ __device__ __forceinline__ void accumulate_exp_with_support(const acc_t (&a)[N],
     const acc_t ea = DeviceMath<acc_t>::exp(a[i] - off_a), eb = DeviceMath<acc_t>::exp(b[i] - off_b);
     const bool shared = (a[i] > neg_inf<acc_t>()) & (b[i] > neg_inf<acc_t>());
     const acc_t diff = shared ? a[i] - b[i] : acc_t(0);
-    side_a.sum += ea;
-    side_b.sum += eb;
-    side_a.mass += shared ? ea : acc_t(0);
-    side_b.mass += shared ? eb : acc_t(0);
-    side_a.logratio += ea * diff;
-    side_b.logratio -= eb * diff;
+    side_a.sum[0] += ea;
+    side_b.sum[0] += eb;
+    side_a.sum[1] += shared ? ea : acc_t(0);
+    side_b.sum[1] += shared ? eb : acc_t(0);
+    side_a.sum[2] += ea * diff;
+    side_b.sum[2] -= eb * diff;
   }
 }
 
-// Read 1 statistics of a row: a = student / T, b = teacher / T, c = student (CE at T != 1).
-template <typename acc_t>
+// Read 1 statistics of a row: a = student / T, b = teacher / T (with the support sums when
+// kSupport), c = student (CE at T != 1); the NaN / +inf flags of the two inputs.
+template <typename acc_t, bool kSupport>
 struct RowStats {
-  OnlineSide<acc_t> a, b, c;
+  using Side = OnlineSide<acc_t, kSupport ? 3 : 1>;
+  using CESide = OnlineSide<acc_t, 1>;
+  Side a, b;
+  CESide c;
   int bad_student, bad_teacher;
 
   static __device__ __forceinline__ RowStats identity() {
-    return {OnlineSide<acc_t>::identity(), OnlineSide<acc_t>::identity(), OnlineSide<acc_t>::identity(), 0, 0};
+    return {Side::identity(), Side::identity(), CESide::identity(), 0, 0};
   }
   static __device__ __forceinline__ RowStats combine(const RowStats& x, const RowStats& o) {
-    return {OnlineSide<acc_t>::combine(x.a, o.a), OnlineSide<acc_t>::combine(x.b, o.b),
-            OnlineSide<acc_t>::combine(x.c, o.c), x.bad_student | o.bad_student, x.bad_teacher | o.bad_teacher};
+    return {Side::combine(x.a, o.a), Side::combine(x.b, o.b), CESide::combine(x.c, o.c),
+            x.bad_student | o.bad_student, x.bad_teacher | o.bad_teacher};
   }
 };
 
@@ -342,63 +364,60 @@ struct TermSums {
 
 // ---------------------------------------------------------------------------------------------
 
-// One CTA per row; blockDim.x a multiple of 32, at most kMaxThreads. With args.cache_rows the
-// dynamic shared memory holds cache_elems(vocab, kVec) elements per read input (student, then
-// teacher when soft_weight != 0). kVec > 1 requires the student, teacher and gradient rows
-// to start at the same element offset modulo kVec.
+// One row as seen by its CTA: the input rows, the gradient rows (nullptr when not wanted), the
+// first 16-byte aligned element, and where the reads find the inputs.
+template <typename scalar_t>
+struct RowView {
+  const scalar_t* student;
+  const scalar_t* teacher;
+  scalar_t* grad_student;
+  scalar_t* grad_teacher;
+  scalar_t* cache_student;  // shared-memory copies, at the misalignment of the global rows
+  scalar_t* cache_teacher;
+  const scalar_t* src_student;  // the copies when cached, else the global rows
+  const scalar_t* src_teacher;
+  int head;
+};
+
+// Loss, status and gradients of a row whose target is not ignore_index. Returns kOk when it
+// wrote them, else the status of a row that gets loss 0 and zero gradients.
 template <typename Div, int kVec, typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kMaxThreads) kd_loss_rows_kernel(const KernelArgs<scalar_t, acc_t> args) {
+__device__ __forceinline__ RowStatus process_row(const KernelArgs<scalar_t, acc_t>& args, const RowView<scalar_t>& r,
+                                                 int64_t row, int64_t target) {
   using Math = DeviceMath<acc_t>;
-  extern __shared__ __align__(16) unsigned char kd_row_cache[];
-
-  const int64_t row = blockIdx.x;
-  const int64_t vocab = args.vocab;
-  const scalar_t* student = args.student + row * args.student_stride;
-  const scalar_t* teacher = args.teacher + row * args.teacher_stride;
-  scalar_t* grad_student = args.grad_student ? args.grad_student + row * vocab : nullptr;
-  scalar_t* grad_teacher = args.grad_teacher ? args.grad_teacher + row * vocab : nullptr;
-  const int64_t misalignment = static_cast<int64_t>(reinterpret_cast<uintptr_t>(student) / sizeof(scalar_t) % kVec);
-  const int64_t head = (kVec - misalignment) % kVec < vocab ? (kVec - misalignment) % kVec : vocab;
-  // The shared-memory copies, at the misalignment of the global rows so that packs line up.
-  scalar_t* cache_student = reinterpret_cast<scalar_t*>(kd_row_cache) + misalignment;
-  scalar_t* cache_teacher = cache_student + cache_elems(vocab, kVec);
-
-  const auto finish_without_loss = [&](RowStatus status) {
-    if (threadIdx.x == 0) {
-      args.status[row] = status;
-      args.loss[row] = 0;
-    }
-    for_each_pack<kVec>(vocab, head, [&](auto width, int64_t j) {
-      constexpr int n = decltype(width)::value;
-      Pack<scalar_t, n> zero;
-#pragma unroll
-      for (int i = 0; i < n; ++i) zero.v[i] = from_acc<scalar_t>(acc_t(0));
-      if (grad_student) store_streaming(grad_student + j, zero);
-      if (grad_teacher) store_streaming(grad_teacher + j, zero);
-    });
-  };
-
+  const int vocab = args.vocab;
   const bool has_target = args.target != nullptr;
-  const int64_t y = has_target ? args.target[row] : -1;
-  if (has_target && y == args.ignore_index) return finish_without_loss(kOk);
-  if (has_target && (y < 0 || y >= vocab)) return finish_without_loss(kTargetOutOfRange);
+  if (has_target && (target < 0 || target >= vocab)) return kTargetOutOfRange;
+  const int y = static_cast<int>(target);  // -1 without target
   const bool need_soft = args.soft_weight != 0;
   const bool need_ce = has_target && args.hard_weight != 0;
   const bool separate_ce = need_ce && !args.unit_temperature;  // CE needs softmax(student) at T = 1
   const acc_t inv_t = args.inv_temperature;
 
+  // The shared-memory copy of the row, all requests in flight at once. Each thread only reads
+  // back the packs it copied itself (same mapping), so waiting for its own copies suffices.
+  if (args.cache_rows) {
+    for_each_pack<kVec>(vocab, r.head, [&](auto width, int j) {
+      constexpr int n = decltype(width)::value;
+      copy_to_shared_async<n>(r.cache_student + j, r.student + j);
+      if (need_soft) copy_to_shared_async<n>(r.cache_teacher + j, r.teacher + j);
+    });
+    __pipeline_commit();
+    __pipeline_wait_prior(0);
+  }
+
   // Read 1: statistics.
-  RowStats<acc_t> stats = RowStats<acc_t>::identity();
-  for_each_pack<kVec>(vocab, head, [&](auto width, int64_t j) {
+  using Stats = RowStats<acc_t, Div::kSumsFromStats>;
+  Stats stats = Stats::identity();
+  for_each_pack<kVec>(vocab, r.head, [&](auto width, int j) {
     constexpr int n = decltype(width)::value;
-    const Pack<scalar_t, n> s = load_global<n>(student + j, args.cache_rows, cache_student + j);
+    const Pack<scalar_t, n> s = load_any<n>(r.src_student + j);
     acc_t a[n];
     to_acc_scaled(s, inv_t, a);
     const acc_t max_a = pack_max(a, stats.bad_student);
     if (need_soft) {
-      const Pack<scalar_t, n> t = load_global<n>(teacher + j, args.cache_rows, cache_teacher + j);
       acc_t b[n];
-      to_acc_scaled(t, inv_t, b);
+      to_acc_scaled(load_any<n>(r.src_teacher + j), inv_t, b);
       const acc_t max_b = pack_max(b, stats.bad_teacher);
       if constexpr (Div::kSumsFromStats) {
         accumulate_exp_with_support(a, b, max_a, max_b, stats.a, stats.b);
@@ -416,38 +435,34 @@ __global__ void __launch_bounds__(kMaxThreads) kd_loss_rows_kernel(const KernelA
     }
   });
   stats = block_reduce(stats);
-  if (stats.bad_student) return finish_without_loss(kStudentNonFinite);
-  if (stats.bad_teacher) return finish_without_loss(kTeacherNonFinite);
-  if (!(stats.a.sum > 0)) return finish_without_loss(kStudentAllMasked);
-  if (need_soft && !(stats.b.sum > 0)) return finish_without_loss(kTeacherAllMasked);
+  if (stats.bad_student) return kStudentNonFinite;
+  if (stats.bad_teacher) return kTeacherNonFinite;
+  if (!(stats.a.sum[0] > 0)) return kStudentAllMasked;
+  if (need_soft && !(stats.b.sum[0] > 0)) return kTeacherAllMasked;
   const acc_t lse_a = stats.a.lse();
   const acc_t lse_b = need_soft ? stats.b.lse() : acc_t(0);
   const acc_t lse_c = separate_ce ? stats.c.lse() : lse_a;
 
   acc_t ce = 0;
   if (need_ce) {
-    const acc_t logit_y = to_acc(student[y]);
-    if (logit_y == neg_inf<acc_t>()) return finish_without_loss(kTargetMasked);
+    const acc_t logit_y = to_acc(r.student[y]);
+    if (logit_y == neg_inf<acc_t>()) return kTargetMasked;
     ce = lse_c - logit_y;
   }
-
-  const scalar_t* src_student = args.cache_rows ? cache_student : student;
-  const scalar_t* src_teacher = args.cache_rows ? cache_teacher : teacher;
 
   // Row sums of the divergence terms: from the statistics, or read 2.
   Terms<acc_t> sums{0, 0, 0};
   if (need_soft) {
     if constexpr (Div::kSumsFromStats) {
-      sums = Div::row_sums(SupportStats<acc_t>{lse_a, lse_b, stats.a.mass / stats.a.sum,
-                                               stats.a.logratio / stats.a.sum, stats.b.mass / stats.b.sum,
-                                               stats.b.logratio / stats.b.sum});
+      sums = Div::row_sums(SupportStats<acc_t>{lse_a, lse_b, stats.a.mass(), stats.a.logratio(), stats.b.mass(),
+                                               stats.b.logratio()});
     } else {
       TermSums<acc_t> part = TermSums<acc_t>::identity();
-      for_each_pack<kVec>(vocab, head, [&](auto width, int64_t j) {
+      for_each_pack<kVec>(vocab, r.head, [&](auto width, int j) {
         constexpr int n = decltype(width)::value;
         acc_t a[n], b[n];
-        to_acc_scaled(load_any<n>(src_student + j), inv_t, a);
-        to_acc_scaled(load_any<n>(src_teacher + j), inv_t, b);
+        to_acc_scaled(load_any<n>(r.src_student + j), inv_t, a);
+        to_acc_scaled(load_any<n>(r.src_teacher + j), inv_t, b);
 #pragma unroll
         for (int i = 0; i < n; ++i) {
           const bool shared = (a[i] > neg_inf<acc_t>()) & (b[i] > neg_inf<acc_t>());
@@ -461,21 +476,22 @@ __global__ void __launch_bounds__(kMaxThreads) kd_loss_rows_kernel(const KernelA
       sums = block_reduce(part).t;
     }
   }
+  const acc_t weight = args.row_weight ? static_cast<acc_t>(*args.row_weight) : acc_t(1);
   if (threadIdx.x == 0) {
-    args.loss[row] = args.soft_weight * sums.value + args.hard_weight * ce;
+    args.loss[row] = weight * (args.soft_weight * sums.value + args.hard_weight * ce);
     args.status[row] = kOk;
   }
-  if (!grad_student && !grad_teacher) return;
+  if (!r.grad_student && !r.grad_teacher) return kOk;
 
   // Read 3: gradients of the row loss: the soft term through the softmax Jacobian of the
   // divergence terms, plus the CE term softmax(student) - onehot(y).
-  const acc_t soft_scale = args.soft_weight * inv_t;
-  const acc_t hard_weight = need_ce ? args.hard_weight : acc_t(0);
-  for_each_pack<kVec>(vocab, head, [&](auto width, int64_t j) {
+  const acc_t soft_scale = weight * args.soft_weight * inv_t;
+  const acc_t hard_weight = need_ce ? weight * args.hard_weight : acc_t(0);
+  for_each_pack<kVec>(vocab, r.head, [&](auto width, int j) {
     constexpr int n = decltype(width)::value;
-    const Pack<scalar_t, n> s = load_any<n>(src_student + j);
+    const Pack<scalar_t, n> s = load_any<n>(r.src_student + j);
     Pack<scalar_t, n> t{};
-    if (need_soft) t = load_any<n>(src_teacher + j);
+    if (need_soft) t = load_any<n>(r.src_teacher + j);
     Pack<scalar_t, n> out_student, out_teacher;
 #pragma unroll
     for (int i = 0; i < n; ++i) {
@@ -496,8 +512,52 @@ __global__ void __launch_bounds__(kMaxThreads) kd_loss_rows_kernel(const KernelA
       out_student.v[i] = from_acc<scalar_t>(grad_s);
       out_teacher.v[i] = from_acc<scalar_t>(grad_t);
     }
-    if (grad_student) store_streaming(grad_student + j, out_student);
-    if (grad_teacher) store_streaming(grad_teacher + j, out_teacher);
+    if (r.grad_student) store_streaming(r.grad_student + j, out_student);
+    if (r.grad_teacher) store_streaming(r.grad_teacher + j, out_teacher);
+  });
+  return kOk;
+}
+
+// One CTA per row; blockDim.x a multiple of 32, at most kMaxThreads<acc_t>. With
+// args.cache_rows the dynamic shared memory holds cache_elems(vocab, kVec) elements per read
+// input (student, then teacher when soft_weight != 0). kVec > 1 requires the student, teacher
+// and gradient rows to start at the same element offset modulo kVec.
+template <typename Div, int kVec, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kMaxThreads<acc_t>, kMinBlocksPerSM)
+    kd_loss_rows_kernel(const KernelArgs<scalar_t, acc_t> args) {
+  extern __shared__ __align__(16) unsigned char kd_row_cache[];
+  const int64_t row = blockIdx.x;
+  const int vocab = args.vocab;
+
+  RowView<scalar_t> r;
+  r.student = args.student + row * args.student_stride;
+  r.teacher = args.teacher + row * args.teacher_stride;
+  r.grad_student = args.grad_student ? args.grad_student + row * vocab : nullptr;
+  r.grad_teacher = args.grad_teacher ? args.grad_teacher + row * vocab : nullptr;
+  const int misalignment = static_cast<int>(reinterpret_cast<uintptr_t>(r.student) / sizeof(scalar_t) % kVec);
+  r.head = (kVec - misalignment) % kVec < vocab ? (kVec - misalignment) % kVec : vocab;
+  r.cache_student = reinterpret_cast<scalar_t*>(kd_row_cache) + misalignment;
+  r.cache_teacher = r.cache_student + cache_elems(vocab, kVec);
+  r.src_student = args.cache_rows ? r.cache_student : r.student;
+  r.src_teacher = args.cache_rows ? r.cache_teacher : r.teacher;
+
+  const int64_t target = args.target ? args.target[row] : -1;
+  const bool ignored = args.target && target == args.ignore_index;
+  const RowStatus status = ignored ? kOk : process_row<Div, kVec>(args, r, row, target);
+  if (!ignored && status == kOk) return;
+
+  // Ignored or failed row: loss 0 and zero gradients.
+  if (threadIdx.x == 0) {
+    args.status[row] = status;
+    args.loss[row] = 0;
+  }
+  for_each_pack<kVec>(vocab, r.head, [&](auto width, int j) {
+    constexpr int n = decltype(width)::value;
+    Pack<scalar_t, n> zero;
+#pragma unroll
+    for (int i = 0; i < n; ++i) zero.v[i] = from_acc<scalar_t>(acc_t(0));
+    if (r.grad_student) store_streaming(r.grad_student + j, zero);
+    if (r.grad_teacher) store_streaming(r.grad_teacher + j, zero);
   });
 }
 

@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import importlib.util
+import os
+from typing import Union
 
 import torch
 
 from kdkernels.ops import extension
 
 BACKENDS = ("cpu", "triton", "cuda", "reference")
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 DeviceLike = Union[torch.device, str, None]
 
 
 def available_backends(device: DeviceLike = None) -> list[str]:
-    """Backends that can run on `device` (default: CUDA when present, else CPU), fastest first."""
+    """Backends that can run on `device` (default: CUDA when present, else CPU), fastest first.
+    The Triton kernels run on CPU tensors too when TRITON_INTERPRET=1 (Triton's interpreter)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device_type = torch.device(device).type
+    module = extension.compiled()
     live: list[str] = []
-    if device_type == "cpu" and extension.compiled() is not None:
+    if device_type == "cpu" and module is not None:
         live.append("cpu")
+    if device_type == "cuda" and module is not None and module.with_cuda:
+        live.append("cuda")
+    if _HAS_TRITON and (device_type == "cuda" or (device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
+        live.append("triton")
     live.append("reference")
     return live
 

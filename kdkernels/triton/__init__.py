@@ -1,0 +1,1 @@
+"""Triton kernels. They run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1."""

@@ -1,0 +1,272 @@
+"""Triton kernel of kd_loss: one program per row, the same three reads as the C++ kernels
+(csrc/cpu/kd_loss_cpu.cpp) and the same contract (csrc/kd_loss.h):
+
+1. online (max, sum-exp) statistics of student/T, teacher/T and, for the CE term at T != 1,
+   student, block by block; for forward/reverse KL also the support sums (mass and log-ratio
+   over entries finite in both inputs) that give the divergence and its gradient's row sums;
+2. JSD only: the row sums of the divergence terms;
+3. the gradients, written in the input dtype.
+
+A divergence is one branch of `_terms` (its value and its derivatives with respect to log q and
+log p) and, if its row sums follow from the statistics, one branch of `_row_sums`. Offsets are
+64-bit, so N * V may exceed 2^31."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+
+# Divergence ids of csrc/divergences.h; SUMS_FROM_STATS mirrors kSumsFromStats.
+FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
+SUMS_FROM_STATS = {FORWARD_KL: True, REVERSE_KL: True, JSD: False}
+
+# Row status codes of csrc/row_status.h.
+_TARGET_OUT_OF_RANGE = tl.constexpr(1)
+_TARGET_MASKED = tl.constexpr(2)
+_STUDENT_NON_FINITE = tl.constexpr(3)
+_TEACHER_NON_FINITE = tl.constexpr(4)
+_STUDENT_ALL_MASKED = tl.constexpr(5)
+_TEACHER_ALL_MASKED = tl.constexpr(6)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _terms(lp, lq, p, q, beta, DIVERGENCE: tl.constexpr):
+    """Per-entry (value, q * df/dq, p * df/dp) of the divergence sum_j f(p_j, q_j)."""
+    if DIVERGENCE == 0:  # KL(p || q)
+        value = p * (lp - lq)
+        d_student = -p
+        d_teacher = value + p
+    elif DIVERGENCE == 1:  # KL(q || p)
+        value = q * (lq - lp)
+        d_student = value + q
+        d_teacher = -q
+    else:  # beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q
+        diff = lq - lp
+        teacher_larger = diff <= 0
+        small = tl.exp(tl.where(teacher_larger, diff, -diff))
+        log_m = tl.where(teacher_larger, lp, lq) + tl.log(
+            tl.where(teacher_larger, beta + (1 - beta) * small, beta * small + (1 - beta)))
+        d_teacher = beta * p * (lp - log_m)
+        d_student = (1 - beta) * q * (lq - log_m)
+        value = d_teacher + d_student
+    return value, d_student, d_teacher
+
+
+@triton.jit
+def _row_sums(lse_a, lse_b, mass_a, logratio_a, mass_b, logratio_b, DIVERGENCE: tl.constexpr):
+    """Row sums of _terms from the normalised support sums (divergences with SUMS_FROM_STATS)."""
+    if DIVERGENCE == 0:
+        value = logratio_b + (lse_a - lse_b) * mass_b
+        sum_d_student = -mass_b
+        sum_d_teacher = value + mass_b
+    else:
+        value = logratio_a + (lse_b - lse_a) * mass_a
+        sum_d_student = value + mass_a
+        sum_d_teacher = -mass_a
+    return value, sum_d_student, sum_d_teacher
+
+
+@triton.jit
+def _merge(m, chunk_max):
+    """Online max update: the new max, its exp offset (0 while everything is -inf, so that
+    exp(-inf - offset) = 0) and the factor that rescales the sums taken at the old max."""
+    new_m = tl.maximum(m, chunk_max)
+    offset = tl.where(new_m == float("-inf"), 0.0, new_m)
+    return new_m, offset, tl.exp(m - offset)
+
+
+@triton.jit
+def _kd_loss_kernel(
+    S, T, Y, W, LOSS, GS, GT, STATUS,
+    s_stride, t_stride, V, v_bucket, inv_t, soft_weight, hard_weight, beta, ignore_index,
+    HAS_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEED_SOFT: tl.constexpr, SEPARATE_CE: tl.constexpr,
+    STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr, DIVERGENCE: tl.constexpr,
+    SUMS_FROM_STATS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = S + row * s_stride
+    t_row = T + row * t_stride
+    cols = tl.arange(0, BLOCK)
+    neg_inf = float("-inf")
+    if HAS_WEIGHT:
+        weight = tl.load(W).to(ACC)
+        soft_weight = soft_weight * weight
+        hard_weight = hard_weight * weight
+
+    ignored = False
+    status = 0
+    y = -1
+    if HAS_TARGET:
+        y = tl.load(Y + row)
+        ignored = y == ignore_index
+        status = tl.where((y < 0) | (y >= V), _TARGET_OUT_OF_RANGE, 0)
+
+    # Read 1: statistics. a = student / T, b = teacher / T, c = student.
+    zero = tl.zeros((), ACC)
+    m_a, z_a, mass_a, lr_a = zero + neg_inf, zero, zero, zero
+    m_b, z_b, mass_b, lr_b = zero + neg_inf, zero, zero, zero
+    m_c, z_c = zero + neg_inf, zero
+    bad_s = 0
+    bad_t = 0
+    for start in range(0, V, BLOCK):
+        offs = start + cols
+        inside = offs < V
+        c = tl.load(s_row + offs, mask=inside, other=neg_inf).to(ACC)
+        a = c * inv_t
+        bad_s += tl.sum(((a != a) | (a == float("inf"))).to(tl.int32))
+        m_a, offset_a, rescale_a = _merge(m_a, tl.max(a))
+        ea = tl.exp(a - offset_a)
+        z_a = z_a * rescale_a + tl.sum(ea)
+        if NEED_SOFT:
+            b = tl.load(t_row + offs, mask=inside, other=neg_inf).to(ACC) * inv_t
+            bad_t += tl.sum(((b != b) | (b == float("inf"))).to(tl.int32))
+            m_b, offset_b, rescale_b = _merge(m_b, tl.max(b))
+            eb = tl.exp(b - offset_b)
+            z_b = z_b * rescale_b + tl.sum(eb)
+            if SUMS_FROM_STATS:
+                shared = (a > neg_inf) & (b > neg_inf)
+                diff = tl.where(shared, a - b, 0.0)
+                mass_a = mass_a * rescale_a + tl.sum(tl.where(shared, ea, 0.0))
+                lr_a = lr_a * rescale_a + tl.sum(ea * diff)
+                mass_b = mass_b * rescale_b + tl.sum(tl.where(shared, eb, 0.0))
+                lr_b = lr_b * rescale_b - tl.sum(eb * diff)
+        if SEPARATE_CE:
+            m_c, offset_c, rescale_c = _merge(m_c, tl.max(c))
+            z_c = z_c * rescale_c + tl.sum(tl.exp(c - offset_c))
+
+    if status == 0:
+        status = tl.where(bad_s > 0, _STUDENT_NON_FINITE, status)
+    if status == 0:
+        status = tl.where(bad_t > 0, _TEACHER_NON_FINITE, status)
+    if status == 0:
+        status = tl.where(z_a > 0, 0, _STUDENT_ALL_MASKED)
+    if NEED_SOFT:
+        if status == 0:
+            status = tl.where(z_b > 0, 0, _TEACHER_ALL_MASKED)
+    lse_a = m_a + tl.log(z_a)
+    lse_b = m_b + tl.log(z_b)
+    lse_c = lse_a
+    if SEPARATE_CE:
+        lse_c = m_c + tl.log(z_c)
+    ce = zero
+    if HAS_TARGET:
+        y_safe = tl.where((y >= 0) & (y < V), y, 0)
+        logit_y = tl.load(s_row + y_safe).to(ACC)
+        if status == 0:
+            status = tl.where(logit_y == neg_inf, _TARGET_MASKED, 0)
+        ce = lse_c - logit_y
+    status = tl.where(ignored, 0, status)
+    live = (status == 0) & (not ignored)
+
+    # Row sums of the divergence terms: from the statistics, or read 2.
+    value = zero
+    sum_d_student = zero
+    sum_d_teacher = zero
+    if NEED_SOFT:
+        if SUMS_FROM_STATS:
+            value, sum_d_student, sum_d_teacher = _row_sums(
+                lse_a, lse_b, mass_a / z_a, lr_a / z_a, mass_b / z_b, lr_b / z_b, DIVERGENCE)
+        else:
+            for start in range(0, V, BLOCK):
+                offs = start + cols
+                inside = offs < V
+                a = tl.load(s_row + offs, mask=inside, other=neg_inf).to(ACC) * inv_t
+                b = tl.load(t_row + offs, mask=inside, other=neg_inf).to(ACC) * inv_t
+                shared = (a > neg_inf) & (b > neg_inf)
+                lq = tl.where(shared, a - lse_a, 0.0)
+                lp = tl.where(shared, b - lse_b, 0.0)
+                v, ds, dt = _terms(lp, lq, tl.exp(lp), tl.exp(lq), beta, DIVERGENCE)
+                value += tl.sum(tl.where(shared, v, 0.0))
+                sum_d_student += tl.sum(tl.where(shared, ds, 0.0))
+                sum_d_teacher += tl.sum(tl.where(shared, dt, 0.0))
+    loss = soft_weight * value
+    if HAS_TARGET:
+        loss += hard_weight * ce
+    tl.store(LOSS + row, tl.where(live, loss, 0.0))
+    tl.store(STATUS + row, status.to(tl.int8))
+
+    # Read 3: gradients of the row loss.
+    if STUDENT_GRAD or TEACHER_GRAD:
+        soft_scale = soft_weight * inv_t
+        ce_weight = tl.where(HAS_TARGET, hard_weight, 0.0)
+        for start in range(0, V, BLOCK):
+            offs = start + cols
+            inside = offs < V
+            c = tl.load(s_row + offs, mask=inside, other=neg_inf).to(ACC)
+            a = c * inv_t
+            q = tl.exp(a - lse_a)
+            if SEPARATE_CE:
+                grad_s = ce_weight * tl.exp(c - lse_c)
+            else:
+                grad_s = ce_weight * q
+            grad_s = tl.where(offs == y, grad_s - ce_weight, grad_s)
+            grad_t = tl.zeros((BLOCK,), ACC)
+            if NEED_SOFT:
+                b = tl.load(t_row + offs, mask=inside, other=neg_inf).to(ACC) * inv_t
+                p = tl.exp(b - lse_b)
+                shared = (a > neg_inf) & (b > neg_inf)
+                lq = tl.where(shared, a - lse_a, 0.0)
+                lp = tl.where(shared, b - lse_b, 0.0)
+                v, ds, dt = _terms(lp, lq, p, q, beta, DIVERGENCE)
+                grad_s += soft_scale * (tl.where(shared, ds, 0.0) - q * sum_d_student)
+                grad_t = soft_scale * (tl.where(shared, dt, 0.0) - p * sum_d_teacher)
+            if STUDENT_GRAD:
+                tl.store(GS + row * V + offs, tl.where(live, grad_s, 0.0).to(GS.dtype.element_ty), mask=inside)
+            if TEACHER_GRAD:
+                tl.store(GT + row * V + offs, tl.where(live, grad_t, 0.0).to(GT.dtype.element_ty), mask=inside)
+
+
+# Tuned once per power-of-two bucket of V (v_bucket) and kernel variant.
+_CONFIGS = [triton.Config({"BLOCK": block}, num_warps=warps) for block in (1024, 2048, 4096, 8192)
+            for warps in (4, 8, 16) if block // (32 * warps) >= 4]
+
+
+def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """Blocks wider than the row (beyond the smallest) only waste lanes."""
+    return [c for c in configs if c.kwargs["BLOCK"] <= max(1024, named_args["v_bucket"])]
+
+
+_tuned_kernel = triton.autotune(configs=_CONFIGS, key=["v_bucket", "NEED_SOFT", "SEPARATE_CE", "STUDENT_GRAD",
+                                                       "TEACHER_GRAD", "DIVERGENCE"],
+                                prune_configs_by={"early_config_prune": _prune_configs})(_kd_loss_kernel)
+
+
+def kd_loss_forward_triton(student: Tensor, teacher: Tensor, target: Optional[Tensor], row_weight: Optional[Tensor],
+                           temperature: float, soft_weight: float, hard_weight: float, divergence: int, beta: float,
+                           ignore_index: int, student_grad: bool, teacher_grad: bool
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The kd_loss contract of csrc/kd_loss.h, with the row weight (a 0-d tensor or None)
+    read on the device. Inputs [N, V] with unit stride along V."""
+    rows, vocab = student.shape
+    acc_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    loss = torch.empty(rows, dtype=acc_dtype, device=student.device)
+    status = torch.empty(rows, dtype=torch.int8, device=student.device)
+    grad_student = student.new_empty((rows if student_grad else 0, vocab))
+    grad_teacher = student.new_empty((rows if teacher_grad else 0, vocab))
+    if rows == 0:
+        return loss, grad_student, grad_teacher, status
+    has_target = target is not None
+    args = (student, teacher, target if has_target else status, row_weight if row_weight is not None else loss,
+            loss, grad_student, grad_teacher, status, student.stride(0), teacher.stride(0), vocab,
+            triton.next_power_of_2(vocab), 1.0 / temperature, soft_weight, hard_weight, beta, ignore_index)
+    flags = dict(HAS_TARGET=has_target, HAS_WEIGHT=row_weight is not None, NEED_SOFT=soft_weight != 0,
+                 SEPARATE_CE=has_target and hard_weight != 0 and temperature != 1.0,
+                 STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad, DIVERGENCE=divergence,
+                 SUMS_FROM_STATS=SUMS_FROM_STATS[divergence],
+                 ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32)
+    if interpreting():
+        block = min(max(triton.next_power_of_2(vocab), 16), 1024)
+        _kd_loss_kernel[(rows,)](*args, **flags, BLOCK=block)
+    else:
+        _tuned_kernel[(rows,)](*args, **flags)
+    return loss, grad_student, grad_teacher, status

@@ -1,0 +1,68 @@
+"""GPU-only checks (skipped without CUDA): both GPU backends on LLM vocabularies, N * V > 2^31,
+backend="auto", and torch.compile(fullgraph=True)."""
+
+import pytest
+import torch
+
+import kdkernels as kdk
+from kdkernels import reference
+from conftest import assert_matches_reference, make_logits, make_target
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+GPU_BACKENDS = [b for b in ("triton", "cuda") if torch.cuda.is_available() and b in kdk.available_backends("cuda")]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("vocab", [32000, 128256, 151936, 256000])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_llm_vocabularies(backend, vocab, divergence, dtype):
+    student = make_logits((24,), vocab, dtype, seed=1, device="cuda")
+    teacher = make_logits((24,), vocab, dtype, seed=2, device="cuda")
+    target = make_target((24,), vocab, ignored=True, device="cuda")
+    assert_matches_reference(student, teacher, target, backend=backend, divergence=divergence, temperature=2.0)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_more_than_2_31_elements(backend):
+    rows, vocab = 16384, 151936  # N * V = 2.49e9 > 2^31
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    student = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16, generator=generator).requires_grad_(True)
+    teacher = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16, generator=generator)
+    target = torch.randint(0, vocab, (rows,), device="cuda", generator=generator)
+    loss = kdk.kd_loss(student, teacher, target, temperature=2.0, reduction="none", backend=backend)
+    (grad,) = torch.autograd.grad(loss.sum(), [student])
+    for rows_checked in (slice(0, 4), slice(rows - 4, rows)):  # the last rows lie past 2^31 elements
+        s = student.detach()[rows_checked].double().requires_grad_(True)
+        ref = reference.kd_loss(s, teacher[rows_checked].double(), target[rows_checked], temperature=2.0,
+                                reduction="none")
+        (ref_grad,) = torch.autograd.grad(ref.sum(), [s])
+        torch.testing.assert_close(loss[rows_checked].double(), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(grad[rows_checked].double(), ref_grad, rtol=2e-2, atol=2e-2 * ref_grad.abs().max().item())
+
+
+def test_auto_picks_a_gpu_backend():
+    assert kdk.available_backends("cuda")[0] in ("cuda", "triton")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_torch_compile_fullgraph_cuda(backend):
+    s = make_logits((2, 8), 4096, torch.bfloat16, seed=3, device="cuda")
+    t = make_logits((2, 8), 4096, torch.bfloat16, seed=4, device="cuda")
+    y = make_target((2, 8), 4096, ignored=True, device="cuda")
+
+    def step(student, teacher, labels):
+        return kdk.kd_loss(student * 1.5, teacher, labels, temperature=2.0, backend=backend)
+
+    compiled = torch.compile(step, fullgraph=True)
+    loss, ref = compiled(s, t, y), step(s, t, y)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(torch.autograd.grad(loss, [s])[0], torch.autograd.grad(ref, [s])[0])
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_matches_reference_small(backend):
+    s = make_logits((3, 5), 1000, torch.float16, contiguous=False, seed=5, device="cuda")
+    t = make_logits((3, 5), 1000, torch.float16, contiguous=False, seed=6, device="cuda")
+    y = make_target((3, 5), 1000, ignored=True, device="cuda")
+    assert_matches_reference(s, t, y, backend=backend, divergence="jsd", temperature=4.0, reduction="none")

@@ -1,0 +1,61 @@
+"""The Triton kernel against kdkernels.reference. On a machine without a GPU it runs on CPU
+tensors under Triton's interpreter (TRITON_INTERPRET=1, set here before the kernel module is
+imported); with CUDA it runs on the GPU."""
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+import kdkernels as kdk  # noqa: E402
+from conftest import assert_matches_reference, make_logits, make_target  # noqa: E402
+
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+@pytest.mark.parametrize("vocab", [1, 7, 1500])
+@pytest.mark.parametrize("target_mode", ["none", "target", "ignored"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_triton_matches_reference(divergence, reduction, dtype, target_mode, vocab, temperature):
+    student = make_logits((4,), vocab, dtype, seed=1, device=DEVICE)
+    teacher = make_logits((4,), vocab, dtype, seed=2, device=DEVICE)
+    target = None if target_mode == "none" else make_target((4,), vocab, ignored=target_mode == "ignored", device=DEVICE)
+    assert_matches_reference(student, teacher, target, backend="triton", divergence=divergence, reduction=reduction,
+                             temperature=temperature, alpha=0.3, beta=0.3)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_triton_strided_3d_masked(divergence):
+    student = make_logits((2, 3), 700, torch.float32, contiguous=False, seed=3, requires_grad=False, device=DEVICE)
+    teacher = make_logits((2, 3), 700, torch.float32, contiguous=False, seed=4, requires_grad=False, device=DEVICE)
+    student[..., 600:] = float("-inf")
+    teacher[..., 600:] = float("-inf")
+    teacher[0, 0, 5] = float("-inf")
+    student.requires_grad_(True)
+    teacher.requires_grad_(True)
+    target = make_target((2, 3), 600, ignored=True, device=DEVICE)
+    assert_matches_reference(student, teacher, target, backend="triton", divergence=divergence, temperature=2.0)
+
+
+def test_triton_errors_and_ignored_rows():
+    student = make_logits((3,), 9, torch.float32, seed=5, device=DEVICE)
+    teacher = make_logits((3,), 9, torch.float32, seed=6, device=DEVICE)
+    with pytest.raises(ValueError, match=r"target\[1\] = 9"):
+        kdk.kd_loss(student, teacher, torch.tensor([0, 9, 1], device=DEVICE), backend="triton")
+    bad = teacher.detach().clone()
+    bad[2, 4] = float("nan")
+    with pytest.raises(ValueError, match="teacher_logits row 2 contains NaN"):
+        kdk.kd_loss(student, bad, backend="triton")
+    # Ignored rows may hold anything, even all -inf.
+    masked = student.detach().clone()
+    masked[1] = float("-inf")
+    loss = kdk.kd_loss(masked, teacher, torch.tensor([0, -100, 1], device=DEVICE), backend="triton")
+    assert torch.isfinite(loss)
