@@ -5,9 +5,9 @@ installs without its compiled CPU kernel."""
 import glob
 import os
 
+import torch
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
