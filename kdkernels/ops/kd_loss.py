@@ -120,20 +120,28 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)  # no zero-filled gradient-sized buffers for those outputs
 
 
-def _is_exactly_one(grad: Tensor) -> bool:
-    """Whether an upstream gradient is all ones, asked only where the tensor holds real data (not
-    while tracing or capturing a CUDA graph). On CUDA the answer costs one small device sync,
-    far cheaper than the read and write of the gradients that it saves."""
+def _graph_is_kept() -> bool:
+    """Whether this backward runs with retain_graph=True (assumed so where torch cannot say)."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return keep_graph is None or keep_graph()
+
+
+def _can_hand_over(grad: Tensor) -> bool:
+    """Whether the saved gradients can be handed on as they are: the upstream gradient is all
+    ones and the graph is freed after this backward (so nothing reads the saved buffers again).
+    Asked only where the tensor holds real data (not while tracing or capturing a CUDA graph); on
+    CUDA it costs one small device sync, far cheaper than the pass over the gradients it saves."""
     concrete = type(grad) is torch.Tensor and not torch._is_functional_tensor(grad)
     capturing = grad.is_cuda and torch.cuda.is_current_stream_capturing()
-    return concrete and not torch.compiler.is_compiling() and not capturing and bool((grad == 1).all())
+    return (concrete and not torch.compiler.is_compiling() and not capturing and not _graph_is_kept()
+            and bool((grad == 1).all()))
 
 
 def _backward(ctx, grad_loss: Optional[Tensor], _grad_student_out, _grad_teacher_out):
     if grad_loss is None:  # the row losses did not reach the differentiated output
         return (None,) * 13
     grads = [grad if needed else None for grad, needed in zip(ctx.saved_tensors, ctx.needs_input_grad[:2])]
-    if not _is_exactly_one(grad_loss):  # else loss.sum().backward(): the saved gradients are the answer
+    if not _can_hand_over(grad_loss):  # else e.g. loss.backward(): the saved gradients are the answer
         scale = grad_loss.unsqueeze(-1)
         grads = [None if grad is None else grad * scale.to(grad.dtype) for grad in grads]
     return (*grads,) + (None,) * 11
