@@ -39,9 +39,23 @@ struct Terms {
 };
 
 // Statistics of the first read, normalised: over the entries finite in both inputs,
-// student_mass = sum q, student_logratio = sum q * (a - b),
-// teacher_mass = sum p, teacher_logratio = sum p * (b - a),
-// where a = student / T and b = teacher / T; lse_* are the log-normalisers of a and b.
+// student_mass = sum q, student_logratio = sum q * (a' - b'),
+// teacher_mass = sum p, teacher_logratio = sum p * (b' - a'),
+// where a = student / T, b = teacher / T, and ' marks a value minus its row's anchor (the max of
+// the row's first kAnchorEntries entries, 0 if they are all -inf); lse_* are the log-normalisers
+// of a' and b'. The anchors keep a constant offset between student and teacher logits (or just
+// large logits) from cancelling in lse_student - lse_teacher: the log-ratios stay small numbers.
+constexpr int kAnchorEntries = 16;
+
+// A row's log-normaliser log(sum exp x) kept as (max, log of the sum at that max): log-probs
+// are formed as (x - max) - log_sum, exact where x - max is, rather than x - lse with a
+// rounded lse, which loses digits when the logits are large.
+template <typename acc_t>
+struct LogNormaliser {
+  acc_t max, log_sum;
+  KD_HD acc_t log_prob(acc_t x) const { return (x - max) - log_sum; }
+};
+
 template <typename acc_t>
 struct SupportStats {
   acc_t lse_student, lse_teacher;

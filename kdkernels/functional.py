@@ -76,7 +76,11 @@ def _check_options(temperature: float, alpha: float, divergence: str, beta: floa
     if num_items is not None:
         if reduction != "batchmean":
             raise ValueError(f"num_items applies to reduction='batchmean' only, got reduction={reduction!r}")
-        if not isinstance(num_items, Tensor):
+        if isinstance(num_items, Tensor):
+            if num_items.numel() != 1 or num_items.requires_grad:
+                raise ValueError("num_items must be a number or a one-element tensor without grad, "
+                                 f"got shape {tuple(num_items.shape)}")
+        else:
             _check_number("num_items", num_items, 0.0, math.inf, open_low=True, open_high=True)
     return temperature, alpha, beta
 
@@ -140,13 +144,14 @@ def kd_loss(
     hard_weight = 1.0 - alpha if target is not None else 0.0
     row_weight = None
     if reduction == "batchmean":
+        weight_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
         if num_items is not None:
-            denominator = torch.as_tensor(num_items, dtype=torch.float32, device=student.device)
+            denominator = torch.as_tensor(num_items, device=student.device)
         elif rows_target is None:
-            denominator = torch.tensor(float(max(student.shape[0], 1)), device=student.device)
+            denominator = torch.tensor(max(student.shape[0], 1), device=student.device)
         else:
-            denominator = (rows_target != ignore_index).sum().clamp_min(1).float()
-        row_weight = denominator.reciprocal()
+            denominator = (rows_target != ignore_index).sum().clamp_min(1)
+        row_weight = denominator.to(weight_dtype).reciprocal()
     grad_enabled = torch.is_grad_enabled()
     rows, _, _ = kd_loss_rows(
         student, teacher, rows_target, row_weight, temperature, soft_weight, hard_weight, divergence, beta,

@@ -64,7 +64,7 @@ def kd_loss(
         rows = soft
         counted = torch.ones_like(rows, dtype=torch.bool)
     else:
-        y = target.reshape(-1)
+        y = target.reshape(-1).long()
         counted = y != ignore_index
         ce = F.cross_entropy(s, y, ignore_index=ignore_index, reduction="none")
         rows = torch.where(counted, alpha * soft + (1 - alpha) * ce, torch.zeros_like(soft))

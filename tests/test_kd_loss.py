@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import kdkernels as kdk
+from kdkernels import reference
 from kdkernels.ops import extension
 from conftest import assert_matches_reference, make_logits, make_target
 
@@ -265,3 +266,62 @@ def test_backward_three_times_with_retained_graph():
     torch.testing.assert_close(s.grad, 3 * once)
     (again,) = torch.autograd.grad(kdk.kd_loss(s, t, temperature=2.0), [s])
     torch.testing.assert_close(again, once)
+
+
+def test_fp16_gradients_survive_a_loss_scale():
+    s = make_logits((4,), 64, torch.float16, seed=27)
+    t = make_logits((4,), 64, torch.float16, seed=28, requires_grad=False)
+    target = make_target((4,), 64, ignored=False)
+    (kdk.kd_loss(s, t, target, temperature=2.0) * 65536).backward()
+    exact = s.detach().double().requires_grad_(True)
+    (reference.kd_loss(exact, t.double(), target, temperature=2.0) * 65536).backward()
+    assert torch.isfinite(s.grad).all()
+    torch.testing.assert_close(s.grad.double(), exact.grad, rtol=4e-3, atol=4e-3 * exact.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("num_items", [None, 3, torch.tensor(3)])
+def test_fp64_reduction_weight_is_exact(num_items):
+    s = make_logits((3,), 5, torch.float64, seed=29)
+    t = make_logits((3,), 5, torch.float64, seed=30)
+    ours = kdk.kd_loss(s, t, num_items=num_items)
+    assert ours.item() == pytest.approx(reference.kd_loss(s, t, num_items=num_items).item(), rel=1e-13)
+
+
+def test_double_backward_is_a_clear_error():
+    s = make_logits((2,), 6, torch.float64, seed=31)
+    t = make_logits((2,), 6, torch.float64, seed=32, requires_grad=False)
+    with pytest.raises(NotImplementedError, match="create_graph"):
+        torch.autograd.grad(kdk.kd_loss(s, t), [s], create_graph=True)
+
+
+def test_int32_target_on_every_backend():
+    s, t, y = _valid()
+    values = [kdk.kd_loss(s, t, y.int(), backend=backend).item() for backend in ("cpu", "reference")]
+    assert values[0] == pytest.approx(values[1], rel=1e-5)
+
+
+def test_target_on_masked_logit_without_ce_term_is_fine():
+    s, t, y = _valid()
+    s = s.detach().clone()
+    s[1, y[1]] = float("-inf")
+    assert torch.isfinite(kdk.kd_loss(s, t, y, alpha=1.0))
+
+
+@pytest.mark.parametrize("num_items", [torch.tensor([2, 3]), torch.tensor(2.0, requires_grad=True)])
+def test_num_items_tensor_is_checked(num_items):
+    s, t, y = _valid()
+    with pytest.raises(ValueError, match="num_items"):
+        kdk.kd_loss(s, t, y, num_items=num_items)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("offset", [300.0, 1e4])
+def test_offset_between_student_and_teacher_costs_no_precision(divergence, offset):
+    """A constant shift of the student logits leaves softmax unchanged; the row sums taken from
+    the anchored statistics must not cancel catastrophically (the loss stays exact to fp32)."""
+    t = make_logits((16,), 1000, torch.float32, seed=33, requires_grad=False)
+    s = t + 0.1 * make_logits((16,), 1000, torch.float32, seed=34, requires_grad=False) + offset
+    loss = kdk.kd_loss(s, t, divergence=divergence, reduction="none", temperature=2.0)
+    exact = reference.kd_loss(s.double(), t.double(), divergence=divergence, reduction="none", temperature=2.0)
+    assert (loss >= 0).all()
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-4, atol=2e-6)

@@ -13,6 +13,7 @@ if not CUDA:
 pytest.importorskip("triton")
 
 import kdkernels as kdk  # noqa: E402
+from kdkernels import reference  # noqa: E402
 from conftest import assert_matches_reference, make_logits, make_target  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
@@ -59,3 +60,20 @@ def test_triton_errors_and_ignored_rows():
     masked[1] = float("-inf")
     loss = kdk.kd_loss(masked, teacher, torch.tensor([0, -100, 1], device=DEVICE), backend="triton")
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_triton_offset_logits(divergence):
+    t = make_logits((8,), 1000, torch.float32, seed=7, requires_grad=False, device=DEVICE)
+    s = t + 0.1 * make_logits((8,), 1000, torch.float32, seed=8, requires_grad=False, device=DEVICE) + 1e4
+    loss = kdk.kd_loss(s, t, backend="triton", divergence=divergence, reduction="none", temperature=2.0)
+    exact = reference.kd_loss(s.double(), t.double(), divergence=divergence, reduction="none", temperature=2.0)
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-4, atol=2e-6)
+
+
+def test_triton_target_on_masked_logit_without_ce_term():
+    student = make_logits((3,), 9, torch.float32, seed=9, requires_grad=False, device=DEVICE)
+    teacher = make_logits((3,), 9, torch.float32, seed=10, device=DEVICE)
+    target = torch.tensor([0, 4, 1], device=DEVICE)
+    student[1, 4] = float("-inf")
+    assert torch.isfinite(kdk.kd_loss(student, teacher, target, alpha=1.0, backend="triton"))

@@ -123,7 +123,7 @@ struct OnlineSide {
       logratio += chunk_logratio * r;
     }
   }
-  KD_INLINE acc_t lse() const { return max + std::log(sum); }
+  KD_INLINE LogNormaliser<acc_t> normaliser() const { return {max, std::log(sum)}; }
 };
 
 template <typename scalar_t, typename acc_t>
@@ -169,11 +169,11 @@ KD_INLINE void accumulate_exp(const acc_t* x, int64_t n, acc_t chunk_max, Online
 }
 
 // Both inputs' exp sums plus the support sums (entries finite in both): mass and
-// mass-weighted log-ratio for each side.
+// mass-weighted log-ratio of anchored values for each side (SupportStats).
 template <typename acc_t>
 KD_INLINE void accumulate_exp_with_support(const acc_t* a, const acc_t* b, int64_t n, acc_t max_a,
-                                           acc_t max_b, OnlineSide<acc_t>& side_a,
-                                           OnlineSide<acc_t>& side_b) {
+                                           acc_t max_b, acc_t anchor_a, acc_t anchor_b,
+                                           OnlineSide<acc_t>& side_a, OnlineSide<acc_t>& side_b) {
   using Math = MathFor<acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const acc_t off_a = exp_offset(max_a), off_b = exp_offset(max_b);
@@ -182,7 +182,7 @@ KD_INLINE void accumulate_exp_with_support(const acc_t* a, const acc_t* b, int64
   for (int64_t i = 0; i < n; ++i) {
     const acc_t ea = Math::exp(a[i] - off_a), eb = Math::exp(b[i] - off_b);
     const bool shared = (a[i] > kNegInf) & (b[i] > kNegInf);
-    const acc_t diff = shared ? a[i] - b[i] : acc_t(0);
+    const acc_t diff = shared ? (a[i] - anchor_a) - (b[i] - anchor_b) : acc_t(0);
     sum_a += ea;
     sum_b += eb;
     mass_a += shared ? ea : acc_t(0);
@@ -192,6 +192,18 @@ KD_INLINE void accumulate_exp_with_support(const acc_t* a, const acc_t* b, int64
   }
   side_a.merge(max_a, sum_a, mass_a, lr_a);
   side_b.merge(max_b, sum_b, mass_b, lr_b);
+}
+
+// The anchor of a row (SupportStats): the max of its first kAnchorEntries entries times scale,
+// or 0 if they are all -inf.
+template <typename scalar_t, typename acc_t>
+KD_INLINE acc_t row_anchor(const scalar_t* x, int64_t vocab, acc_t scale) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < std::min<int64_t>(vocab, kAnchorEntries); ++j) {
+    const acc_t v = static_cast<acc_t>(x[j]) * scale;
+    m = v > m ? v : m;
+  }
+  return exp_offset(m);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -204,7 +216,7 @@ KD_INLINE void finish_without_loss(const RowArgs<scalar_t, acc_t>& args, int64_t
 
 template <typename acc_t>
 struct GradientScales {
-  acc_t lse_a, lse_b, lse_c;
+  LogNormaliser<acc_t> norm_a, norm_b, norm_c;
   acc_t soft_scale;   // soft_weight / T
   acc_t hard_weight;  // 0 without the CE term
   acc_t sum_d_student, sum_d_teacher;
@@ -228,13 +240,14 @@ KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, i
     if constexpr (kSeparateCE) load_scaled(student + j0, n, acc_t(1), c);
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const acc_t q = Math::exp(a[i] - g.lse_a);
-      acc_t grad_s = g.hard_weight * (kSeparateCE ? Math::exp(c[i] - g.lse_c) : q);
+      const acc_t q = Math::exp(g.norm_a.log_prob(a[i]));
+      acc_t grad_s = g.hard_weight * (kSeparateCE ? Math::exp(g.norm_c.log_prob(c[i])) : q);
       acc_t grad_t = 0;
       if constexpr (kSoft) {
-        const acc_t p = Math::exp(b[i] - g.lse_b);
+        const acc_t p = Math::exp(g.norm_b.log_prob(b[i]));
         const bool shared = (a[i] > kNegInf) & (b[i] > kNegInf);
-        const acc_t lq = shared ? a[i] - g.lse_a : acc_t(0), lp = shared ? b[i] - g.lse_b : acc_t(0);
+        const acc_t lq = shared ? g.norm_a.log_prob(a[i]) : acc_t(0);
+        const acc_t lp = shared ? g.norm_b.log_prob(b[i]) : acc_t(0);
         const Terms<acc_t> t = Div::template terms<Math>(lp, lq, p, q, args.params);
         grad_s += g.soft_scale * ((shared ? t.d_student : acc_t(0)) - q * g.sum_d_student);
         grad_t = g.soft_scale * ((shared ? t.d_teacher : acc_t(0)) - p * g.sum_d_teacher);
@@ -265,6 +278,7 @@ KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, ac
   const acc_t inv_t = args.inv_temperature;
 
   // Read 1: statistics.
+  const acc_t anchor_a = row_anchor(student, vocab, inv_t), anchor_b = row_anchor(teacher, vocab, inv_t);
   OnlineSide<acc_t> side_a, side_b, side_c;
   int bad_student = 0, bad_teacher = 0;
   for (int64_t j0 = 0; j0 < vocab; j0 += kChunk) {
@@ -275,7 +289,7 @@ KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, ac
       load_scaled(teacher + j0, n, inv_t, b);
       const acc_t max_b = chunk_max(b, n, bad_teacher);
       if constexpr (Div::kSumsFromStats) {
-        accumulate_exp_with_support(a, b, n, max_a, max_b, side_a, side_b);
+        accumulate_exp_with_support(a, b, n, max_a, max_b, anchor_a, anchor_b, side_a, side_b);
       } else {
         accumulate_exp(a, n, max_a, side_a);
         accumulate_exp(b, n, max_b, side_b);
@@ -292,15 +306,15 @@ KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, ac
   if (bad_teacher) return finish_without_loss(args, row, kTeacherNonFinite);
   if (!(side_a.sum > 0)) return finish_without_loss(args, row, kStudentAllMasked);
   if (need_soft && !(side_b.sum > 0)) return finish_without_loss(args, row, kTeacherAllMasked);
-  const acc_t lse_a = side_a.lse();
-  const acc_t lse_b = need_soft ? side_b.lse() : acc_t(0);
-  const acc_t lse_c = separate_ce ? side_c.lse() : lse_a;
+  const LogNormaliser<acc_t> norm_a = side_a.normaliser();
+  const LogNormaliser<acc_t> norm_b = need_soft ? side_b.normaliser() : LogNormaliser<acc_t>{0, 0};
+  const LogNormaliser<acc_t> norm_c = separate_ce ? side_c.normaliser() : norm_a;
 
   acc_t ce = 0;
   if (need_ce) {
     const acc_t logit_y = static_cast<acc_t>(student[y]);
     if (logit_y == kNegInf) return finish_without_loss(args, row, kTargetMasked);
-    ce = lse_c - logit_y;
+    ce = -norm_c.log_prob(logit_y);
   }
 
   // Row sums of the divergence terms: from the statistics, or read 2.
@@ -308,8 +322,9 @@ KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, ac
   if (need_soft) {
     if constexpr (Div::kSumsFromStats) {
       sums = Div::row_sums(SupportStats<acc_t>{
-          lse_a, lse_b, side_a.mass / side_a.sum, side_a.logratio / side_a.sum,
-          side_b.mass / side_b.sum, side_b.logratio / side_b.sum});
+          (norm_a.max - anchor_a) + norm_a.log_sum, (norm_b.max - anchor_b) + norm_b.log_sum,
+          side_a.mass / side_a.sum, side_a.logratio / side_a.sum, side_b.mass / side_b.sum,
+          side_b.logratio / side_b.sum});
     } else {
       for (int64_t j0 = 0; j0 < vocab; j0 += kChunk) {
         const int64_t n = std::min(kChunk, vocab - j0);
@@ -319,7 +334,8 @@ KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, ac
 #pragma omp simd reduction(+ : value, d_student, d_teacher)
         for (int64_t i = 0; i < n; ++i) {
           const bool shared = (a[i] > kNegInf) & (b[i] > kNegInf);
-          const acc_t lq = shared ? a[i] - lse_a : acc_t(0), lp = shared ? b[i] - lse_b : acc_t(0);
+          const acc_t lq = shared ? norm_a.log_prob(a[i]) : acc_t(0);
+          const acc_t lp = shared ? norm_b.log_prob(b[i]) : acc_t(0);
           const Terms<acc_t> t = Div::template terms<Math>(lp, lq, Math::exp(lp), Math::exp(lq), args.params);
           value += shared ? t.value : acc_t(0);
           d_student += shared ? t.d_student : acc_t(0);
@@ -337,7 +353,7 @@ KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, ac
 
 
   // Read 3: gradients of the row loss.
-  const GradientScales<acc_t> scales{lse_a, lse_b, lse_c, args.soft_weight * inv_t,
+  const GradientScales<acc_t> scales{norm_a, norm_b, norm_c, args.soft_weight * inv_t,
                                      need_ce ? args.hard_weight : acc_t(0), sums.d_student, sums.d_teacher};
   if (need_soft) {
     separate_ce ? gradient_row<Div, true, true>(args, row, y, scales, a, b, c)

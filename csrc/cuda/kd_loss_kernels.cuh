@@ -295,6 +295,10 @@ struct OnlineSide {
   __device__ __forceinline__ acc_t offset() const { return max == neg_inf<acc_t>() ? acc_t(0) : max; }
 
   __device__ __forceinline__ acc_t lse() const { return max + DeviceMath<acc_t>::precise_log(sum[0]); }
+  // lse() - anchor, without forming the (possibly large) lse first.
+  __device__ __forceinline__ acc_t lse_above(acc_t anchor) const {
+    return (max - anchor) + DeviceMath<acc_t>::precise_log(sum[0]);
+  }
 
   // The support sums normalised by the exp sum.
   __device__ __forceinline__ acc_t mass() const { return sum[1] / sum[0]; }
@@ -309,11 +313,24 @@ struct OnlineSide {
   }
 };
 
+// The anchor of a row (SupportStats): the max of its first kAnchorEntries entries times scale,
+// or 0 if they are all -inf. Every thread reads the same few entries.
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ acc_t row_anchor(const scalar_t* x, int vocab, acc_t scale) {
+  acc_t m = neg_inf<acc_t>();
+  for (int j = 0; j < min(vocab, kAnchorEntries); ++j) {
+    const acc_t v = to_acc(x[j]) * scale;
+    m = v > m ? v : m;
+  }
+  return m == neg_inf<acc_t>() ? acc_t(0) : m;
+}
+
 // Both inputs' exp sums plus the support sums (entries finite in both): mass and
-// mass-weighted log-ratio for each side.
+// mass-weighted log-ratio of anchored values for each side (SupportStats).
 template <int N, typename acc_t>
 __device__ __forceinline__ void accumulate_exp_with_support(const acc_t (&a)[N], const acc_t (&b)[N], acc_t max_a,
-                                                            acc_t max_b, OnlineSide<acc_t, 3>& side_a,
+                                                            acc_t max_b, acc_t anchor_a, acc_t anchor_b,
+                                                            OnlineSide<acc_t, 3>& side_a,
                                                             OnlineSide<acc_t, 3>& side_b) {
   side_a.raise_max(max_a);
   side_b.raise_max(max_b);
@@ -322,7 +339,7 @@ __device__ __forceinline__ void accumulate_exp_with_support(const acc_t (&a)[N],
   for (int i = 0; i < N; ++i) {
     const acc_t ea = DeviceMath<acc_t>::exp(a[i] - off_a), eb = DeviceMath<acc_t>::exp(b[i] - off_b);
     const bool shared = (a[i] > neg_inf<acc_t>()) & (b[i] > neg_inf<acc_t>());
-    const acc_t diff = shared ? a[i] - b[i] : acc_t(0);
+    const acc_t diff = shared ? (a[i] - anchor_a) - (b[i] - anchor_b) : acc_t(0);
     side_a.sum[0] += ea;
     side_b.sum[0] += eb;
     side_a.sum[1] += shared ? ea : acc_t(0);
@@ -407,6 +424,8 @@ __device__ __forceinline__ RowStatus process_row(const KernelArgs<scalar_t, acc_
   }
 
   // Read 1: statistics.
+  const acc_t anchor_a = Div::kSumsFromStats ? row_anchor(r.student, vocab, inv_t) : acc_t(0);
+  const acc_t anchor_b = Div::kSumsFromStats && need_soft ? row_anchor(r.teacher, vocab, inv_t) : acc_t(0);
   using Stats = RowStats<acc_t, Div::kSumsFromStats>;
   Stats stats = Stats::identity();
   for_each_pack<kVec>(vocab, r.head, [&](auto width, int j) {
@@ -420,7 +439,7 @@ __device__ __forceinline__ RowStatus process_row(const KernelArgs<scalar_t, acc_
       to_acc_scaled(load_any<n>(r.src_teacher + j), inv_t, b);
       const acc_t max_b = pack_max(b, stats.bad_teacher);
       if constexpr (Div::kSumsFromStats) {
-        accumulate_exp_with_support(a, b, max_a, max_b, stats.a, stats.b);
+        accumulate_exp_with_support(a, b, max_a, max_b, anchor_a, anchor_b, stats.a, stats.b);
       } else {
         stats.a.accumulate_exp(a, max_a);
         stats.b.accumulate_exp(b, max_b);
@@ -454,7 +473,8 @@ __device__ __forceinline__ RowStatus process_row(const KernelArgs<scalar_t, acc_
   Terms<acc_t> sums{0, 0, 0};
   if (need_soft) {
     if constexpr (Div::kSumsFromStats) {
-      sums = Div::row_sums(SupportStats<acc_t>{lse_a, lse_b, stats.a.mass(), stats.a.logratio(), stats.b.mass(),
+      sums = Div::row_sums(SupportStats<acc_t>{stats.a.lse_above(anchor_a), stats.b.lse_above(anchor_b),
+                                               stats.a.mass(), stats.a.logratio(), stats.b.mass(),
                                                stats.b.logratio()});
     } else {
       TermSums<acc_t> part = TermSums<acc_t>::identity();

@@ -78,6 +78,8 @@ def _triton_kernel(student: Tensor, teacher: Tensor, target: Optional[Tensor], r
 def _cuda_kernel(student: Tensor, teacher: Tensor, target: Optional[Tensor], row_weight: Optional[Tensor],
                  temperature: float, soft_weight: float, hard_weight: float, divergence: str, beta: float,
                  ignore_index: int, student_grad: bool, teacher_grad: bool) -> KernelOutputs:
+    if row_weight is not None:
+        row_weight = row_weight.float()  # the kernel reads an fp32 weight
     return extension.require().kd_loss_forward_cuda(
         student, teacher, target, row_weight, temperature, soft_weight, hard_weight, DIVERGENCES[divergence],
         beta, ignore_index, student_grad, teacher_grad)
@@ -140,10 +142,15 @@ def _can_hand_over(grad: Tensor) -> bool:
 def _backward(ctx, grad_loss: Optional[Tensor], _grad_student_out, _grad_teacher_out):
     if grad_loss is None:  # the row losses did not reach the differentiated output
         return (None,) * 13
+    if torch.is_grad_enabled():
+        raise NotImplementedError("kd_loss has no second derivative: backward with create_graph=True "
+                                  "is not supported")
     grads = [grad if needed else None for grad, needed in zip(ctx.saved_tensors, ctx.needs_input_grad[:2])]
     if not _can_hand_over(grad_loss):  # else e.g. loss.backward(): the saved gradients are the answer
-        scale = grad_loss.unsqueeze(-1)
-        grads = [None if grad is None else grad * scale.to(grad.dtype) for grad in grads]
+        # The product is formed in fp32 and rounded once into the gradient's dtype, so that a
+        # loss scale (e.g. 65536, inf in fp16) never meets the half-precision range on its own.
+        scale = grad_loss.unsqueeze(-1).float()
+        grads = [None if grad is None else torch.mul(grad, scale, out=torch.empty_like(grad)) for grad in grads]
     return (*grads,) + (None,) * 11
 
 

@@ -64,7 +64,8 @@ def _terms(lp, lq, p, q, beta, DIVERGENCE: tl.constexpr):
 
 @triton.jit
 def _row_sums(lse_a, lse_b, mass_a, logratio_a, mass_b, logratio_b, DIVERGENCE: tl.constexpr):
-    """Row sums of _terms from the normalised support sums (divergences with SUMS_FROM_STATS)."""
+    """Row sums of _terms from the normalised support sums (divergences with SUMS_FROM_STATS); the
+    log-normalisers and log-ratios are of anchored values (csrc/divergences.h, SupportStats)."""
     if DIVERGENCE == 0:
         value = logratio_b + (lse_a - lse_b) * mass_b
         sum_d_student = -mass_b
@@ -118,6 +119,14 @@ def _kd_loss_kernel(
     m_c, z_c = zero + neg_inf, zero
     bad_s = 0
     bad_t = 0
+    # Row anchors (csrc/divergences.h, SupportStats): max of the first 16 entries, 0 if all -inf.
+    head = tl.arange(0, 16)
+    anchor_a = tl.max(tl.load(s_row + head, mask=head < V, other=neg_inf).to(ACC) * inv_t)
+    anchor_a = tl.where(anchor_a == neg_inf, 0.0, anchor_a)
+    anchor_b = zero
+    if NEED_SOFT:
+        anchor_b = tl.max(tl.load(t_row + head, mask=head < V, other=neg_inf).to(ACC) * inv_t)
+        anchor_b = tl.where(anchor_b == neg_inf, 0.0, anchor_b)
     for start in range(0, V, BLOCK):
         offs = start + cols
         inside = offs < V
@@ -135,7 +144,7 @@ def _kd_loss_kernel(
             z_b = z_b * rescale_b + tl.sum(eb)
             if SUMS_FROM_STATS:
                 shared = (a > neg_inf) & (b > neg_inf)
-                diff = tl.where(shared, a - b, 0.0)
+                diff = tl.where(shared, (a - anchor_a) - (b - anchor_b), 0.0)
                 mass_a = mass_a * rescale_a + tl.sum(tl.where(shared, ea, 0.0))
                 lr_a = lr_a * rescale_a + tl.sum(ea * diff)
                 mass_b = mass_b * rescale_b + tl.sum(tl.where(shared, eb, 0.0))
@@ -153,18 +162,21 @@ def _kd_loss_kernel(
     if NEED_SOFT:
         if status == 0:
             status = tl.where(z_b > 0, 0, _TEACHER_ALL_MASKED)
-    lse_a = m_a + tl.log(z_a)
-    lse_b = m_b + tl.log(z_b)
-    lse_c = lse_a
-    if SEPARATE_CE:
-        lse_c = m_c + tl.log(z_c)
+    # Log-normalisers as (max, log sum): log-probs are (x - max) - log_sum, exact for large logits.
+    logz_a = tl.log(z_a)
+    logz_b = tl.log(z_b)
+    if not SEPARATE_CE:
+        m_c = m_a
+        logz_c = logz_a
+    else:
+        logz_c = tl.log(z_c)
     ce = zero
     if HAS_TARGET:
         y_safe = tl.where((y >= 0) & (y < V), y, 0)
         logit_y = tl.load(s_row + y_safe).to(ACC)
         if status == 0:
-            status = tl.where(logit_y == neg_inf, _TARGET_MASKED, 0)
-        ce = lse_c - logit_y
+            status = tl.where((logit_y == neg_inf) & (hard_weight != 0), _TARGET_MASKED, 0)
+        ce = (m_c - logit_y) + logz_c
     status = tl.where(ignored, 0, status)
     live = (status == 0) & (not ignored)
 
@@ -175,7 +187,8 @@ def _kd_loss_kernel(
     if NEED_SOFT:
         if SUMS_FROM_STATS:
             value, sum_d_student, sum_d_teacher = _row_sums(
-                lse_a, lse_b, mass_a / z_a, lr_a / z_a, mass_b / z_b, lr_b / z_b, DIVERGENCE)
+                (m_a - anchor_a) + logz_a, (m_b - anchor_b) + logz_b, mass_a / z_a, lr_a / z_a,
+                mass_b / z_b, lr_b / z_b, DIVERGENCE)
         else:
             for start in range(0, V, BLOCK):
                 offs = start + cols
@@ -183,15 +196,15 @@ def _kd_loss_kernel(
                 a = tl.load(s_row + offs, mask=inside, other=neg_inf).to(ACC) * inv_t
                 b = tl.load(t_row + offs, mask=inside, other=neg_inf).to(ACC) * inv_t
                 shared = (a > neg_inf) & (b > neg_inf)
-                lq = tl.where(shared, a - lse_a, 0.0)
-                lp = tl.where(shared, b - lse_b, 0.0)
+                lq = tl.where(shared, (a - m_a) - logz_a, 0.0)
+                lp = tl.where(shared, (b - m_b) - logz_b, 0.0)
                 v, ds, dt = _terms(lp, lq, tl.exp(lp), tl.exp(lq), beta, DIVERGENCE)
                 value += tl.sum(tl.where(shared, v, 0.0))
                 sum_d_student += tl.sum(tl.where(shared, ds, 0.0))
                 sum_d_teacher += tl.sum(tl.where(shared, dt, 0.0))
     loss = soft_weight * value
     if HAS_TARGET:
-        loss += hard_weight * ce
+        loss += tl.where(hard_weight != 0, hard_weight * ce, 0.0)  # the CE term off: ce may be inf
     tl.store(LOSS + row, tl.where(live, loss, 0.0))
     tl.store(STATUS + row, status.to(tl.int8))
 
@@ -204,19 +217,19 @@ def _kd_loss_kernel(
             inside = offs < V
             c = tl.load(s_row + offs, mask=inside, other=neg_inf).to(ACC)
             a = c * inv_t
-            q = tl.exp(a - lse_a)
+            q = tl.exp((a - m_a) - logz_a)
             if SEPARATE_CE:
-                grad_s = ce_weight * tl.exp(c - lse_c)
+                grad_s = ce_weight * tl.exp((c - m_c) - logz_c)
             else:
                 grad_s = ce_weight * q
             grad_s = tl.where(offs == y, grad_s - ce_weight, grad_s)
             grad_t = tl.zeros((BLOCK,), ACC)
             if NEED_SOFT:
                 b = tl.load(t_row + offs, mask=inside, other=neg_inf).to(ACC) * inv_t
-                p = tl.exp(b - lse_b)
+                p = tl.exp((b - m_b) - logz_b)
                 shared = (a > neg_inf) & (b > neg_inf)
-                lq = tl.where(shared, a - lse_a, 0.0)
-                lp = tl.where(shared, b - lse_b, 0.0)
+                lq = tl.where(shared, (a - m_a) - logz_a, 0.0)
+                lp = tl.where(shared, (b - m_b) - logz_b, 0.0)
                 v, ds, dt = _terms(lp, lq, p, q, beta, DIVERGENCE)
                 grad_s += soft_scale * (tl.where(shared, ds, 0.0) - q * sum_d_student)
                 grad_t = soft_scale * (tl.where(shared, dt, 0.0) - p * sum_d_teacher)
