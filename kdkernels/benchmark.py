@@ -9,7 +9,6 @@ peak-memory counter start clean; on CUDA the caching allocator's peak counter is
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -94,7 +93,6 @@ def measure(impl: str, rows: int, vocab: int, dtype: str, device: str, repeats: 
     set_bytes = 2 * rows * vocab * torch.finfo(DTYPES[dtype]).bits // 8
     sets = 1 if dev.type == "cpu" else max(1, min(3, int(0.25 * torch.cuda.mem_get_info()[0]) // set_bytes))
     input_sets = [_inputs(rows, vocab, dtype, device, seed) for seed in range(sets)]
-    student, teacher, target = input_sets[0]
     fn = _loss_fn(impl)
 
     def step(inputs: tuple[torch.Tensor, ...]) -> None:
@@ -106,12 +104,7 @@ def measure(impl: str, rows: int, vocab: int, dtype: str, device: str, repeats: 
     for i in range(repeats):
         inputs = input_sets[i % sets]
         if dev.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step(inputs)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
+            times.append(_cuda_seconds(lambda: step(inputs)))
         else:
             begin = time.perf_counter()
             step(inputs)
@@ -119,19 +112,18 @@ def measure(impl: str, rows: int, vocab: int, dtype: str, device: str, repeats: 
 
     for inputs in input_sets:
         inputs[0].grad = None
-    step = functools.partial(step, input_sets[0])
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        step()
+        step(input_sets[0])
         peak = torch.cuda.max_memory_allocated() - base
     else:
         base = _rss_bytes("VmRSS")
         peak = -1  # unknown where the kernel cannot reset the high-water mark
         if _reset_peak_rss():
-            step()
+            step(input_sets[0])
             peak = _rss_bytes("VmHWM") - base
-    grad_bytes = rows * vocab * student.element_size()
+    grad_bytes = rows * vocab * input_sets[0][0].element_size()
     median = statistics.median(times)
     return {
         "impl": impl, "rows": rows, "vocab": vocab, "dtype": dtype, "device": device,
@@ -141,21 +133,23 @@ def measure(impl: str, rows: int, vocab: int, dtype: str, device: str, repeats: 
     }
 
 
+def _cuda_seconds(fn: Callable[[], object]) -> float:
+    """Device time of fn's work on the current stream, from CUDA events around it."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
 def copy_bandwidth_gbps(device: str, nbytes: int = 2**32) -> float:
     """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(10):
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * nbytes / statistics.median(times) / 1e9
+    return 2 * nbytes / statistics.median(_cuda_seconds(lambda: dst.copy_(src)) for _ in range(10)) / 1e9
 
 
 def _measure_here(impl: str, rows: int, vocab: int, dtype: str, device: str, repeats: int) -> dict:
