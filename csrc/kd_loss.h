@@ -1,11 +1,13 @@
 // Entry points of the kd_loss kernels. Every backend has the same contract:
 //   student, teacher: [N, V] with unit stride along V (any row stride), same dtype;
-//   target: optional [N] int64.
+//   target: optional [N] int64; row_weight: optional one-element floating tensor on the logits'
+//   device (e.g. 1 / rows counted, for a mean), read where the kernel runs (no host sync on GPU).
 // Returns (row_loss [N] in the accumulation dtype, grad_student [N, V] or empty [0, V],
-// grad_teacher [N, V] or empty [0, V], status [N] int8 of RowStatus codes). row_loss_i = soft_weight * D_i + hard_weight * CE_i, 0 for rows
-// whose target is ignore_index; the gradients are those of row_loss_i (weight 1 per row), so
-// that backward only scales them by grad_output. A row with a nonzero status has loss 0 and zero
-// gradients; the caller turns the status into an error (kdkernels/ops/kd_loss.py).
+// grad_teacher [N, V] or empty [0, V], status [N] int8 of RowStatus codes).
+// row_loss_i = row_weight * (soft_weight * D_i + hard_weight * CE_i), 0 for rows whose target is
+// ignore_index; the gradients are those of row_loss_i, so that backward only scales them by
+// grad_output. A row with a nonzero status has loss 0 and zero gradients; the caller turns the
+// status into an error (kdkernels/ops/kd_loss.py).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -20,7 +22,8 @@ using KDLossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 // The checks every entry point makes (`entry` names it in the messages); returns the target as a
 // contiguous int64 [N] tensor, or an undefined tensor without target.
 inline at::Tensor check_kd_loss_inputs(const char* entry, const at::Tensor& student, const at::Tensor& teacher,
-                                       const std::optional<at::Tensor>& target, double temperature) {
+                                       const std::optional<at::Tensor>& target,
+                                       const std::optional<at::Tensor>& row_weight, double temperature) {
   TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes(), entry,
               ": expected student and teacher of the same shape [N, V]");
   TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), entry, ": dtypes differ");
@@ -28,6 +31,9 @@ inline at::Tensor check_kd_loss_inputs(const char* entry, const at::Tensor& stud
   TORCH_CHECK(student.size(1) <= 1 || (student.stride(1) == 1 && teacher.stride(1) == 1), entry,
               ": unit stride along V expected");
   TORCH_CHECK(temperature > 0, entry, ": temperature must be > 0");
+  TORCH_CHECK(!row_weight.has_value() || (row_weight->numel() == 1 && row_weight->is_floating_point() &&
+                                          row_weight->device() == student.device()),
+              entry, ": row_weight must be a one-element floating tensor on the logits' device");
   if (!target.has_value()) return {};
   TORCH_CHECK(target->scalar_type() == at::kLong && target->dim() == 1 && target->size(0) == student.size(0) &&
                   target->device() == student.device(),
@@ -36,14 +42,13 @@ inline at::Tensor check_kd_loss_inputs(const char* entry, const at::Tensor& stud
 }
 
 KDLossOutputs kd_loss_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                  const std::optional<at::Tensor>& target, double temperature,
+                                  const std::optional<at::Tensor>& target,
+                                  const std::optional<at::Tensor>& row_weight, double temperature,
                                   double soft_weight, double hard_weight, int64_t divergence,
                                   double beta, int64_t ignore_index, bool student_grad,
                                   bool teacher_grad);
 
 #ifdef KDKERNELS_WITH_CUDA
-// As above, and every row's loss and gradients are multiplied by row_weight (a float32 scalar
-// tensor on the device, read there: no host sync), when given.
 KDLossOutputs kd_loss_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                    const std::optional<at::Tensor>& target,
                                    const std::optional<at::Tensor>& row_weight, double temperature,

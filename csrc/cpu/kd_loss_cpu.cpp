@@ -373,12 +373,19 @@ KD_CPU_CLONES void process_rows(const RowArgs<scalar_t, acc_t>& args, int64_t be
 }  // namespace
 
 KDLossOutputs kd_loss_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                  const std::optional<at::Tensor>& target, double temperature,
+                                  const std::optional<at::Tensor>& target,
+                                  const std::optional<at::Tensor>& row_weight, double temperature,
                                   double soft_weight, double hard_weight, int64_t divergence,
                                   double beta, int64_t ignore_index, bool student_grad,
                                   bool teacher_grad) {
-  const at::Tensor target_rows = check_kd_loss_inputs("kd_loss_forward_cpu", student, teacher, target, temperature);
+  const at::Tensor target_rows =
+      check_kd_loss_inputs("kd_loss_forward_cpu", student, teacher, target, row_weight, temperature);
   TORCH_CHECK(student.device().is_cpu(), "kd_loss_forward_cpu: CPU tensors expected");
+  if (row_weight.has_value()) {  // on the CPU the weight folds into the two term weights
+    const double weight = row_weight->item<double>();
+    soft_weight *= weight;
+    hard_weight *= weight;
+  }
   const int64_t rows = student.size(0), vocab = student.size(1);
   const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor loss = at::empty({rows}, student.options().dtype(acc_dtype));

@@ -90,16 +90,14 @@ KDLossOutputs kd_loss_forward_cuda(const at::Tensor& student, const at::Tensor& 
                                    double soft_weight, double hard_weight, int64_t divergence,
                                    double beta, int64_t ignore_index, bool student_grad,
                                    bool teacher_grad) {
-  const at::Tensor target_rows = check_kd_loss_inputs("kd_loss_forward_cuda", student, teacher, target, temperature);
+  const at::Tensor target_rows =
+      check_kd_loss_inputs("kd_loss_forward_cuda", student, teacher, target, row_weight, temperature);
   TORCH_CHECK(student.is_cuda(), "kd_loss_forward_cuda: CUDA tensors expected");
   const int64_t rows = student.size(0), vocab = student.size(1);
   TORCH_CHECK(vocab <= INT_MAX - 64, "kd_loss_forward_cuda: V must be below 2^31 - 64");
   TORCH_CHECK(rows <= INT_MAX, "kd_loss_forward_cuda: N must be below 2^31");
-  if (row_weight.has_value()) {
-    TORCH_CHECK(row_weight->numel() == 1 && row_weight->scalar_type() == at::kFloat &&
-                    row_weight->device() == student.device(),
-                "kd_loss_forward_cuda: row_weight must be a float32 scalar on the logits' device");
-  }
+  // The kernel reads the weight as fp32 on the device.
+  const at::Tensor weight = row_weight.has_value() ? row_weight->to(at::kFloat).contiguous() : at::Tensor();
   const c10::cuda::CUDAGuard guard(student.device());
   const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor loss = at::empty({rows}, student.options().dtype(acc_dtype));
@@ -118,7 +116,7 @@ KDLossOutputs kd_loss_forward_cuda(const at::Tensor& student, const at::Tensor& 
         target.has_value() ? target_rows.data_ptr<int64_t>() : nullptr, loss.data_ptr<acc_t>(),
         student_grad ? reinterpret_cast<cuda_t*>(grad_student.data_ptr<scalar_t>()) : nullptr,
         teacher_grad ? reinterpret_cast<cuda_t*>(grad_teacher.data_ptr<scalar_t>()) : nullptr,
-        status.data_ptr<int8_t>(), row_weight.has_value() ? row_weight->data_ptr<float>() : nullptr,
+        status.data_ptr<int8_t>(), weight.defined() ? weight.data_ptr<float>() : nullptr,
         static_cast<int>(vocab), ignore_index, static_cast<acc_t>(1.0 / temperature),
         static_cast<acc_t>(soft_weight), static_cast<acc_t>(hard_weight), temperature == 1.0,
         /*cache_rows=*/false, {static_cast<acc_t>(beta)}};

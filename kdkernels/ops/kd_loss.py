@@ -55,38 +55,13 @@ def _raise_for_status(status: Tensor, target: Optional[Tensor], vocab: int, igno
     raise ValueError(f"kd_loss: {messages[code]} (rows of the inputs flattened to [N, V])")
 
 
-def _cpu_kernel(student: Tensor, teacher: Tensor, target: Optional[Tensor], row_weight: Optional[Tensor],
-                temperature: float, soft_weight: float, hard_weight: float, divergence: str, beta: float,
-                ignore_index: int, student_grad: bool, teacher_grad: bool) -> KernelOutputs:
-    if row_weight is not None:
-        weight = float(row_weight)
-        soft_weight, hard_weight = soft_weight * weight, hard_weight * weight
-    return extension.require().kd_loss_forward_cpu(
-        student, teacher, target, temperature, soft_weight, hard_weight, DIVERGENCES[divergence],
-        beta, ignore_index, student_grad, teacher_grad)
+def _kernel(backend: str) -> Callable[..., KernelOutputs]:
+    """The forward kernel of a backend; all share the contract of csrc/kd_loss.h."""
+    if backend == "triton":
+        from kdkernels.triton.kd_loss import kd_loss_forward_triton  # imported on first use: triton is slow to import
 
-
-def _triton_kernel(student: Tensor, teacher: Tensor, target: Optional[Tensor], row_weight: Optional[Tensor],
-                   temperature: float, soft_weight: float, hard_weight: float, divergence: str, beta: float,
-                   ignore_index: int, student_grad: bool, teacher_grad: bool) -> KernelOutputs:
-    from kdkernels.triton.kd_loss import kd_loss_forward_triton  # imported on first use: triton is slow to import
-
-    return kd_loss_forward_triton(student, teacher, target, row_weight, temperature, soft_weight, hard_weight,
-                                  DIVERGENCES[divergence], beta, ignore_index, student_grad, teacher_grad)
-
-
-def _cuda_kernel(student: Tensor, teacher: Tensor, target: Optional[Tensor], row_weight: Optional[Tensor],
-                 temperature: float, soft_weight: float, hard_weight: float, divergence: str, beta: float,
-                 ignore_index: int, student_grad: bool, teacher_grad: bool) -> KernelOutputs:
-    if row_weight is not None:
-        row_weight = row_weight.float()  # the kernel reads an fp32 weight
-    return extension.require().kd_loss_forward_cuda(
-        student, teacher, target, row_weight, temperature, soft_weight, hard_weight, DIVERGENCES[divergence],
-        beta, ignore_index, student_grad, teacher_grad)
-
-
-_KERNELS: dict[str, Callable[..., KernelOutputs]] = {
-    "cpu": _cpu_kernel, "triton": _triton_kernel, "cuda": _cuda_kernel}
+        return kd_loss_forward_triton
+    return getattr(extension.require(), f"kd_loss_forward_{backend}")
 
 
 @torch.library.custom_op("kdkernels::kd_loss_rows", mutates_args=())
@@ -98,9 +73,9 @@ def kd_loss_rows(student: Tensor, teacher: Tensor, target: Optional[Tensor], row
     rows whose target is ignore_index), and their gradients (empty [0, V] when not asked for).
     row_weight (a 0-d tensor, e.g. 1 / number of rows for a mean; None for 1) is folded into
     the kernel, so that the common backward from a plain sum needs no pass over the gradients."""
-    loss, grad_student, grad_teacher, status = _KERNELS[backend](
-        student, teacher, target, row_weight, temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
-        student_grad, teacher_grad)
+    loss, grad_student, grad_teacher, status = _kernel(backend)(
+        student, teacher, target, row_weight, temperature, soft_weight, hard_weight, DIVERGENCES[divergence], beta,
+        ignore_index, student_grad, teacher_grad)
     _raise_for_status(status, target, student.shape[1], ignore_index)
     return loss, grad_student, grad_teacher
 
