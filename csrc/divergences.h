@@ -14,22 +14,41 @@
 // and provides row_sums(); the kernels then skip the reduction read.
 //
 // Adding a divergence: a struct with terms() (and row_sums() if kSumsFromStats), an enum
-// value, and a case in dispatch_divergence(). Math supplies exp and log for the backend.
+// value, a case in dispatch_divergence() and, if it takes keyword arguments, their slot in
+// make_divergence_params(). Math supplies exp and log for the backend.
 #pragma once
+
+#include <cmath>
+#include <limits>
+#include <vector>
 
 #if defined(__CUDACC__)
 #define KD_HD __host__ __device__ __forceinline__
+#define KD_UNROLL _Pragma("unroll")
 #else
 #define KD_HD inline
+#define KD_UNROLL _Pragma("GCC unroll 32")
 #endif
 
 namespace kdkernels {
 
-enum class Divergence : int { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
+enum class Divergence : int {
+  kForwardKL = 0,
+  kReverseKL = 1,
+  kJSD = 2,
+  kSkewKL = 3,
+  kSkewReverseKL = 4,
+  kTVD = 5,
+  kAlphaBeta = 6,
+};
 
+// The constants of a divergence, prepared on the host (make_divergence_params).
 template <typename acc_t>
 struct DivergenceParams {
-  acc_t beta;  // JSD mixture weight of the teacher
+  // Mixture m = w * p + (1 - w) * q of JSD (w = beta) and skew KL (w = skew; 1 - skew for the
+  // reverse): w and 1 - w, each flushed to 0 below the smallest normal, and their logs.
+  acc_t weight, complement, log_weight, log_complement;
+  acc_t alpha, beta;  // AB divergence
 };
 
 // Per-entry terms, and the same three quantities summed over a row.
@@ -90,23 +109,127 @@ struct ReverseKL {  // KL(q || p)
   }
 };
 
+// log(w * p + (1 - w) * q) from the log-probabilities: the larger of the two weighted terms
+// (compared through the logs of the weights) factored out, so that the log's argument lies in
+// [w, 2w] or [1 - w, 2(1 - w)] and neither underflows; exact where p or q underflows, at w = 0
+// or 1, and (up to the rounding of w + (1 - w)) where p == q.
+template <typename Math, typename acc_t>
+KD_HD acc_t log_mixture(acc_t lp, acc_t lq, const DivergenceParams<acc_t>& prm) {
+  const bool teacher_term_larger = lp + prm.log_weight >= lq + prm.log_complement;
+  const acc_t d = lq - lp;
+  const acc_t ratio = Math::exp(teacher_term_larger ? d : -d);
+  return (teacher_term_larger ? lp : lq) + Math::log(teacher_term_larger ? prm.weight + prm.complement * ratio
+                                                                        : prm.weight * ratio + prm.complement);
+}
+
+// The divided differences of exp (AlphaBeta). Each takes its nodes with their exps, so that a
+// caller pays one exp per node; near-coincident nodes use Taylor series instead of differences
+// that would cancel.
+// exp[x, y] = (e^y - e^x) / d, or e^x (e^d - 1) / d by its series where |d| < 1/2, given
+// ex = e^x, ey = e^y and d = y - x (passed in, where the caller has it more exactly).
+template <typename acc_t>
+KD_HD acc_t exp_divided_difference(acc_t ex, acc_t ey, acc_t d) {
+  constexpr int kTerms = sizeof(acc_t) == 8 ? 17 : 9;  // truncation below the rounding error
+  acc_t series = 1;
+KD_UNROLL
+  for (int k = kTerms; k >= 1; --k) series = acc_t(1) + series * d * (acc_t(1) / acc_t(k + 1));
+  return d < acc_t(0.5) && d > acc_t(-0.5) ? ex * series : (ey - ex) / d;
+}
+
+// exp[x0, x1, x2] (e^x / 2 where all nodes meet): with the nodes sorted lo <= mid <= hi,
+// (exp[mid, hi] - exp[lo, mid]) / (hi - lo) when they spread by 1/2 or more, else the series
+// e^lo * sum_k h_k(mid - lo, hi - lo) / (k + 2)! (h_k: complete homogeneous polynomials).
+template <typename acc_t>
+KD_HD acc_t exp_divided_difference(acc_t x0, acc_t e0, acc_t x1, acc_t e1, acc_t x2, acc_t e2) {
+  const auto sort_pair = [](acc_t& x, acc_t& ex, acc_t& y, acc_t& ey) {
+    const bool swap = y < x;
+    const acc_t lo = swap ? y : x, e_lo = swap ? ey : ex;
+    y = swap ? x : y;
+    ey = swap ? ex : ey;
+    x = lo;
+    ex = e_lo;
+  };
+  sort_pair(x0, e0, x1, e1);
+  sort_pair(x1, e1, x2, e2);
+  sort_pair(x0, e0, x1, e1);
+  const acc_t y1 = x1 - x0, spread = x2 - x0;
+  constexpr int kTerms = sizeof(acc_t) == 8 ? 18 : 10;
+  acc_t h = 1, y1_power = 1, inv_factorial = acc_t(0.5), series = acc_t(0.5);
+KD_UNROLL
+  for (int k = 1; k < kTerms; ++k) {
+    y1_power *= y1;
+    h = spread * h + y1_power;
+    inv_factorial *= acc_t(1) / acc_t(k + 2);
+    series += h * inv_factorial;
+  }
+  const acc_t apart = (exp_divided_difference(e1, e2, x2 - x1) - exp_divided_difference(e0, e1, y1)) / spread;
+  return spread < acc_t(0.5) ? e0 * series : apart;
+}
+
 // Generalised JSD: beta * KL(p || m) + (1 - beta) * KL(q || m), m = beta * p + (1 - beta) * q.
 // df/dq = (1 - beta) * log(q / m) and df/dp = beta * log(p / m).
 struct JSD {
   static constexpr bool kSumsFromStats = false;
   template <typename Math, typename acc_t>
   static KD_HD Terms<acc_t> terms(acc_t lp, acc_t lq, acc_t p, acc_t q, const DivergenceParams<acc_t>& prm) {
-    // log m as a log-sum-exp of (lp + log beta, lq + log(1 - beta)): one exp and one log,
-    // exact where p or q underflows.
-    const acc_t beta = prm.beta;
-    const acc_t diff = lq - lp;
-    const bool teacher_larger = diff <= acc_t(0);
-    const acc_t small = Math::exp(teacher_larger ? diff : -diff);
-    const acc_t log_m = (teacher_larger ? lp : lq) +
-        Math::log(teacher_larger ? beta + (acc_t(1) - beta) * small : beta * small + (acc_t(1) - beta));
-    const acc_t d_teacher = beta * p * (lp - log_m);
-    const acc_t d_student = (acc_t(1) - beta) * q * (lq - log_m);
+    const acc_t log_m = log_mixture<Math>(lp, lq, prm);
+    const acc_t d_teacher = prm.weight * p * (lp - log_m);
+    const acc_t d_student = prm.complement * q * (lq - log_m);
     return {d_teacher + d_student, d_student, d_teacher};
+  }
+};
+
+// Skew KL (DistiLLM): KL(p || m), m = w * p + (1 - w) * q with w = skew; w = 0 is forward KL.
+// q df/dq = -(1 - w) p q / m and p df/dp = f + p - w p^2 / m.
+struct SkewKL {
+  static constexpr bool kSumsFromStats = false;
+  template <typename Math, typename acc_t>
+  static KD_HD Terms<acc_t> terms(acc_t lp, acc_t lq, acc_t p, acc_t q, const DivergenceParams<acc_t>& prm) {
+    const acc_t log_m = log_mixture<Math>(lp, lq, prm);
+    const acc_t value = p * (lp - log_m);
+    return {value, -prm.complement * p * Math::exp(lq - log_m),
+            value + p - prm.weight * p * Math::exp(lp - log_m)};
+  }
+};
+
+// Skew reverse KL: KL(q || m), m = (1 - skew) * p + skew * q; SkewKL with the roles swapped
+// (make_divergence_params prepares the weight of p, w = 1 - skew).
+struct SkewReverseKL {
+  static constexpr bool kSumsFromStats = false;
+  template <typename Math, typename acc_t>
+  static KD_HD Terms<acc_t> terms(acc_t lp, acc_t lq, acc_t p, acc_t q, const DivergenceParams<acc_t>& prm) {
+    const DivergenceParams<acc_t> swapped{prm.complement, prm.weight, prm.log_complement, prm.log_weight, 0, 0};
+    const Terms<acc_t> t = SkewKL::terms<Math>(lq, lp, q, p, swapped);
+    return {t.value, t.d_teacher, t.d_student};
+  }
+};
+
+// Total variation distance: f = |p - q| / 2, with subgradient 0 where p == q.
+struct TVD {
+  static constexpr bool kSumsFromStats = false;
+  template <typename Math, typename acc_t>
+  static KD_HD Terms<acc_t> terms(acc_t, acc_t, acc_t p, acc_t q, const DivergenceParams<acc_t>&) {
+    const acc_t half_sign = p > q ? acc_t(0.5) : (p < q ? acc_t(-0.5) : acc_t(0));
+    return {half_sign * (p - q), -half_sign * q, half_sign * p};
+  }
+};
+
+// Alpha-beta divergence (ABKD): with g = alpha + beta,
+//   f = -1 / (alpha beta) * (p^alpha q^beta - alpha / g * p^g - beta / g * q^g),
+// and its limits where alpha, beta or g is 0. With u = log p - log q, the nodes
+// x_q = g log q, m = alpha log p + beta log q, x_p = g log p and divided differences of exp:
+//   f = u^2 exp[x_q, m, x_p],  p df/dp = u exp[m, x_p],  q df/dq = -u exp[m, x_q],
+// one formula continuous in (alpha, beta) across every special case: (1, 0) is forward KL,
+// (0, 1) reverse KL, (0, 0) half the squared log-ratio. Three exps per entry.
+struct AlphaBeta {
+  static constexpr bool kSumsFromStats = false;
+  template <typename Math, typename acc_t>
+  static KD_HD Terms<acc_t> terms(acc_t lp, acc_t lq, acc_t, acc_t, const DivergenceParams<acc_t>& prm) {
+    const acc_t u = lp - lq, g = prm.alpha + prm.beta;
+    const acc_t x_q = g * lq, m = prm.alpha * lp + prm.beta * lq, x_p = g * lp;
+    const acc_t e_q = Math::exp(x_q), e_m = Math::exp(m), e_p = Math::exp(x_p);
+    return {u * u * exp_divided_difference(x_q, e_q, m, e_m, x_p, e_p),
+            -u * exp_divided_difference(e_m, e_q, -prm.alpha * u), u * exp_divided_difference(e_m, e_p, prm.beta * u)};
   }
 };
 
@@ -117,8 +240,35 @@ inline bool dispatch_divergence(Divergence divergence, Fn&& fn) {
     case Divergence::kForwardKL: fn(ForwardKL{}); return true;
     case Divergence::kReverseKL: fn(ReverseKL{}); return true;
     case Divergence::kJSD: fn(JSD{}); return true;
+    case Divergence::kSkewKL: fn(SkewKL{}); return true;
+    case Divergence::kSkewReverseKL: fn(SkewReverseKL{}); return true;
+    case Divergence::kTVD: fn(TVD{}); return true;
+    case Divergence::kAlphaBeta: fn(AlphaBeta{}); return true;
   }
   return false;
+}
+
+// The constants of a divergence from its keyword arguments, in the order of kdkernels/ops/
+// kd_loss.py (DIVERGENCES): JSD (beta), skew KL and skew reverse KL (skew), AB (alpha, beta).
+// Computed in double on the host, so that log w is exact for any w.
+template <typename acc_t>
+DivergenceParams<acc_t> make_divergence_params(Divergence divergence, const std::vector<double>& args) {
+  const double first = args.size() > 0 ? args[0] : 0.0, second = args.size() > 1 ? args[1] : 0.0;
+  double weight = 0, complement = 1;
+  if (divergence == Divergence::kJSD || divergence == Divergence::kSkewKL) {
+    weight = first;
+    complement = 1.0 - first;
+  } else if (divergence == Divergence::kSkewReverseKL) {
+    weight = 1.0 - first;
+    complement = first;
+  }
+  const auto flush = [](double w) { return w < std::numeric_limits<acc_t>::min() ? 0.0 : w; };
+  weight = flush(weight);
+  complement = flush(complement);
+  const bool ab = divergence == Divergence::kAlphaBeta;
+  return {static_cast<acc_t>(weight), static_cast<acc_t>(complement), static_cast<acc_t>(std::log(weight)),
+          static_cast<acc_t>(std::log(complement)), static_cast<acc_t>(ab ? first : 0.0),
+          static_cast<acc_t>(ab ? second : 0.0)};
 }
 
 }  // namespace kdkernels

@@ -1,7 +1,8 @@
 // Entry points of the kd_loss kernels. Every backend has the same contract:
 //   student, teacher: [N, V] with unit stride along V (any row stride), same dtype;
 //   target: optional [N] int64; row_weight: optional one-element floating tensor on the logits'
-//   device (e.g. 1 / rows counted, for a mean), read where the kernel runs (no host sync on GPU).
+//   device (e.g. 1 / rows counted, for a mean), read where the kernel runs (no host sync on GPU);
+//   divergence: a Divergence id, divergence_args: its keyword arguments (make_divergence_params).
 // Returns (row_loss [N] in the accumulation dtype, grad_student [N, V] or empty [0, V],
 // grad_teacher [N, V] or empty [0, V], status [N] int8 of RowStatus codes).
 // row_loss_i = row_weight * (soft_weight * D_i + hard_weight * CE_i), 0 for rows whose target is
@@ -14,6 +15,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace kdkernels {
 
@@ -45,7 +47,7 @@ KDLossOutputs kd_loss_forward_cpu(const at::Tensor& student, const at::Tensor& t
                                   const std::optional<at::Tensor>& target,
                                   const std::optional<at::Tensor>& row_weight, double temperature,
                                   double soft_weight, double hard_weight, int64_t divergence,
-                                  double beta, int64_t ignore_index, bool student_grad,
+                                  const std::vector<double>& divergence_args, int64_t ignore_index, bool student_grad,
                                   bool teacher_grad);
 
 #ifdef KDKERNELS_WITH_CUDA
@@ -53,7 +55,7 @@ KDLossOutputs kd_loss_forward_cuda(const at::Tensor& student, const at::Tensor& 
                                    const std::optional<at::Tensor>& target,
                                    const std::optional<at::Tensor>& row_weight, double temperature,
                                    double soft_weight, double hard_weight, int64_t divergence,
-                                   double beta, int64_t ignore_index, bool student_grad,
+                                   const std::vector<double>& divergence_args, int64_t ignore_index, bool student_grad,
                                    bool teacher_grad);
 #endif
 

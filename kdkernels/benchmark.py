@@ -29,11 +29,17 @@ DEFAULT_IMPLEMENTATIONS = {
     "cuda": ("kdkernels-triton", "kdkernels-cuda", "reference", "reference_compiled", "liger"),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LOSS_OPTIONS = dict(temperature=2.0, alpha=0.5, divergence="forward_kl")
+LOSS_OPTIONS = dict(temperature=2.0, alpha=0.5)
+# The keywords each divergence is timed with (`--divergence`).
+DIVERGENCE_KEYWORDS: dict[str, dict[str, float]] = {
+    "forward_kl": {}, "reverse_kl": {}, "jsd": {"beta": 0.5}, "skew_kl": {"skew": 0.1},
+    "skew_reverse_kl": {"skew": 0.1}, "tvd": {}, "ab": {"ab_alpha": 0.5, "ab_beta": 0.5},
+}
 
 
 def _liger_loss() -> Callable[..., torch.Tensor]:
-    """Liger-Kernel's path for the same loss: log-softmax, LigerKLDIVLoss and LigerCrossEntropyLoss."""
+    """Liger-Kernel's path for the same loss with forward KL: log-softmax, LigerKLDIVLoss and
+    LigerCrossEntropyLoss."""
     from liger_kernel.transformers import LigerCrossEntropyLoss, LigerKLDIVLoss
 
     kl, ce = LigerKLDIVLoss(reduction="batchmean", log_target=True), LigerCrossEntropyLoss()
@@ -46,17 +52,20 @@ def _liger_loss() -> Callable[..., torch.Tensor]:
     return loss
 
 
-def _loss_fn(impl: str) -> Callable[..., torch.Tensor]:
+def _loss_fn(impl: str, divergence: str) -> Callable[..., torch.Tensor]:
+    options = dict(LOSS_OPTIONS, divergence=divergence, **DIVERGENCE_KEYWORDS[divergence])
     if impl.startswith("kdkernels"):
         backend = impl.partition("-")[2] or "auto"
-        return lambda s, t, y: kdkernels.kd_loss(s, t, y, backend=backend, **LOSS_OPTIONS)
+        return lambda s, t, y: kdkernels.kd_loss(s, t, y, backend=backend, **options)
     if impl == "liger":
+        if divergence != "forward_kl":
+            raise ValueError("the Liger path is timed with forward_kl only")
         return _liger_loss()
     if impl == "reference":
-        return lambda s, t, y: reference.kd_loss(s, t, y, **LOSS_OPTIONS)
+        return lambda s, t, y: reference.kd_loss(s, t, y, **options)
     if impl == "reference_compiled":
         compiled = torch.compile(reference.kd_loss, dynamic=False)
-        return lambda s, t, y: compiled(s, t, y, **LOSS_OPTIONS)
+        return lambda s, t, y: compiled(s, t, y, **options)
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
 
 
@@ -85,7 +94,8 @@ def _inputs(rows: int, vocab: int, dtype: str, device: str, seed: int) -> tuple[
     return student.requires_grad_(True), teacher, target
 
 
-def measure(impl: str, rows: int, vocab: int, dtype: str, device: str, repeats: int) -> dict:
+def measure(impl: str, rows: int, vocab: int, dtype: str, device: str, repeats: int,
+            divergence: str = "forward_kl") -> dict:
     """Median forward+backward time and peak memory above the inputs of one configuration. On
     CUDA the timed steps rotate over input sets (as many as fit, up to 3) so that no step finds
     its inputs in L2, and are timed with CUDA events."""
@@ -93,7 +103,7 @@ def measure(impl: str, rows: int, vocab: int, dtype: str, device: str, repeats: 
     set_bytes = 2 * rows * vocab * torch.finfo(DTYPES[dtype]).bits // 8
     sets = 1 if dev.type == "cpu" else max(1, min(3, int(0.25 * torch.cuda.mem_get_info()[0]) // set_bytes))
     input_sets = [_inputs(rows, vocab, dtype, device, seed) for seed in range(sets)]
-    fn = _loss_fn(impl)
+    fn = _loss_fn(impl, divergence)
 
     def step(inputs: tuple[torch.Tensor, ...]) -> None:
         inputs[0].grad = None
@@ -126,7 +136,7 @@ def measure(impl: str, rows: int, vocab: int, dtype: str, device: str, repeats: 
     grad_bytes = rows * vocab * input_sets[0][0].element_size()
     median = statistics.median(times)
     return {
-        "impl": impl, "rows": rows, "vocab": vocab, "dtype": dtype, "device": device,
+        "impl": impl, "divergence": divergence, "rows": rows, "vocab": vocab, "dtype": dtype, "device": device,
         "median_ms": median * 1e3, "times_ms": [t * 1e3 for t in times],
         "minimal_bytes": 3 * grad_bytes, "gbps": 3 * grad_bytes / median / 1e9,
         "peak_bytes": peak, "peak_in_gradients": peak / grad_bytes if peak >= 0 else None,
@@ -152,25 +162,28 @@ def copy_bandwidth_gbps(device: str, nbytes: int = 2**32) -> float:
     return 2 * nbytes / statistics.median(_cuda_seconds(lambda: dst.copy_(src)) for _ in range(10)) / 1e9
 
 
-def _measure_here(impl: str, rows: int, vocab: int, dtype: str, device: str, repeats: int) -> dict:
+def _measure_here(impl: str, rows: int, vocab: int, dtype: str, device: str, repeats: int, divergence: str) -> dict:
     """A CUDA measurement in this process; an implementation that runs out of memory is recorded so."""
     try:
-        return measure(impl, rows, vocab, dtype, device, repeats)
+        return measure(impl, rows, vocab, dtype, device, repeats, divergence)
     except torch.OutOfMemoryError:
-        return {"impl": impl, "rows": rows, "vocab": vocab, "dtype": dtype, "device": device, "error": "out of memory"}
+        return {"impl": impl, "divergence": divergence, "rows": rows, "vocab": vocab, "dtype": dtype, "device": device,
+                "error": "out of memory"}
     finally:
         torch.cuda.empty_cache()
 
 
-def _measure_in_subprocess(impl: str, rows: int, vocab: int, dtype: str, device: str, repeats: int) -> dict:
+def _measure_in_subprocess(impl: str, rows: int, vocab: int, dtype: str, device: str, repeats: int,
+                           divergence: str) -> dict:
     # A fixed mmap threshold makes glibc return freed buffers at once, so that RSS tracks
     # the live tensors and its high-water mark is the peak of the measured step.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     command = [sys.executable, "-m", "kdkernels.benchmark", "--measure", impl, "--rows", str(rows),
-               "--vocab", str(vocab), "--dtype", dtype, "--device", device, "--repeats", str(repeats)]
+               "--vocab", str(vocab), "--dtype", dtype, "--device", device, "--repeats", str(repeats),
+               "--divergence", divergence]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"measurement {impl} V={vocab} {dtype} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"measurement {impl} {divergence} V={vocab} {dtype} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -198,22 +211,27 @@ def _nvidia_smi(field: str) -> Optional[str]:
 
 
 def run(rows: int, vocabs: list[int], dtypes: list[str], device: str, repeats: int,
-        impls: Optional[tuple[str, ...]] = None, json_path: Optional[str] = None) -> list[dict]:
+        impls: Optional[tuple[str, ...]] = None, json_path: Optional[str] = None,
+        divergences: tuple[str, ...] = ("forward_kl",)) -> list[dict]:
     """Measures every configuration, prints the table with ratios, optionally writes JSON (and,
-    with matplotlib installed, a PNG plot beside it)."""
+    with matplotlib installed, a PNG plot beside it). Liger is timed with forward_kl only."""
     impls = impls or DEFAULT_IMPLEMENTATIONS[device]
     measure_one = _measure_in_subprocess if device == "cpu" else _measure_here
     results = []
     for vocab in vocabs:
         for dtype in dtypes:
-            for impl in impls:
-                results.append(measure_one(impl, rows, vocab, dtype, device, repeats))
-                print(json.dumps({k: v for k, v in results[-1].items() if k != "times_ms"}), flush=True)
+            for divergence in divergences:
+                for impl in impls:
+                    if impl == "liger" and divergence != "forward_kl":
+                        continue
+                    results.append(measure_one(impl, rows, vocab, dtype, device, repeats, divergence))
+                    print(json.dumps({k: v for k, v in results[-1].items() if k != "times_ms"}), flush=True)
     env = environment(device)
     print(format_table(results, env.get("copy_gbps")))
     if json_path:
         with open(json_path, "w") as out:
-            json.dump({"environment": env, "loss_options": LOSS_OPTIONS, "results": results}, out, indent=2)
+            json.dump({"environment": env, "loss_options": LOSS_OPTIONS, "divergence_keywords": DIVERGENCE_KEYWORDS,
+                       "results": results}, out, indent=2)
         print(f"wrote {json_path}")
         _plot(results, os.path.splitext(json_path)[0] + ".png")
     return results
@@ -232,10 +250,12 @@ def _plot(results: list[dict], path: str) -> None:
     for ax, dtype in zip(axes[0], dtypes):
         for impl in dict.fromkeys(r["impl"] for r in results):
             points = [(r["vocab"], r["median_ms"]) for r in results
-                      if r["impl"] == impl and r["dtype"] == dtype and "median_ms" in r]
+                      if r["impl"] == impl and r["dtype"] == dtype and "median_ms" in r
+                      and r["divergence"] == "forward_kl"]
             if points:
                 ax.plot(*zip(*points), marker="o", label=impl)
-        ax.set(title=f"kd_loss fwd+bwd, {dtype}, {results[0]['rows']} rows", xlabel="V", ylabel="ms", yscale="log")
+        ax.set(title=f"kd_loss (forward KL) fwd+bwd, {dtype}, {results[0]['rows']} rows", xlabel="V", ylabel="ms",
+               yscale="log")
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -243,27 +263,36 @@ def _plot(results: list[dict], path: str) -> None:
 
 
 def format_table(results: list[dict], copy_gbps: Optional[float] = None) -> str:
-    """Markdown table: time, bandwidth and peak memory per implementation, and how much slower
-    each is than the fastest kdkernels backend of its configuration."""
+    """Markdown table: time, bandwidth and peak memory per implementation, how much slower each is
+    than the fastest kdkernels backend of its configuration and, for kdkernels with a divergence
+    other than forward KL, its time relative to forward KL on the same backend."""
+    def config(r: dict) -> tuple:
+        return r["vocab"], r["dtype"], r["divergence"]
+
     def fastest_ours(r: dict) -> Optional[dict]:
-        ours = [o for o in results if o["impl"].startswith("kdkernels") and "median_ms" in o
-                and (o["vocab"], o["dtype"]) == (r["vocab"], r["dtype"])]
+        ours = [o for o in results if o["impl"].startswith("kdkernels") and "median_ms" in o and config(o) == config(r)]
         return min(ours, key=lambda o: o["median_ms"], default=None)
 
+    def forward_kl_twin(r: dict) -> Optional[dict]:
+        return next((o for o in results if "median_ms" in o and o["impl"] == r["impl"]
+                     and config(o) == (r["vocab"], r["dtype"], "forward_kl")), None)
+
     bandwidth = f" (% of copy {copy_gbps:.0f} GB/s)" if copy_gbps else ""
-    lines = [f"| rows x V | dtype | implementation | fwd+bwd ms | GB/s{bandwidth} | peak MiB | peak / grad "
-             "| time / kdkernels |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = [f"| rows x V | dtype | divergence | implementation | fwd+bwd ms | GB/s{bandwidth} | peak MiB | peak / grad "
+             "| time / kdkernels | time / forward_kl |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        head = f"| {r['rows']} x {r['vocab']} | {r['dtype']} | {r['impl']} "
+        head = f"| {r['rows']} x {r['vocab']} | {r['dtype']} | {r['divergence']} | {r['impl']} "
         if "median_ms" not in r:
-            lines.append(head + f"| {r['error']} | | | | |")
+            lines.append(head + f"| {r['error']} | | | | | |")
             continue
-        ours = fastest_ours(r)
+        ours, twin = fastest_ours(r), forward_kl_twin(r)
         ratio = f"{r['median_ms'] / ours['median_ms']:.2f}x" if ours else ""
+        vs_forward_kl = (f"{r['median_ms'] / twin['median_ms']:.2f}x"
+                         if twin and r["impl"].startswith("kdkernels") and r["divergence"] != "forward_kl" else "")
         gbps = f"{r['gbps']:.0f}" + (f" ({100 * r['gbps'] / copy_gbps:.0f} %)" if copy_gbps else "")
         peak = f"{r['peak_bytes'] / 2**20:.0f}" if r["peak_bytes"] >= 0 else "n/a"
         grads = f"{r['peak_in_gradients']:.2f}" if r["peak_in_gradients"] is not None else "n/a"
-        lines.append(head + f"| {r['median_ms']:.2f} | {gbps} | {peak} | {grads} | {ratio} |")
+        lines.append(head + f"| {r['median_ms']:.2f} | {gbps} | {peak} | {grads} | {ratio} | {vs_forward_kl} |")
     return "\n".join(lines)
 
 
@@ -275,7 +304,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--impl", nargs="+", default=None, choices=IMPLEMENTATIONS,
                         help="default: all that apply to the device")
+    parser.add_argument("--divergence", nargs="+", default=["forward_kl"], choices=list(DIVERGENCE_KEYWORDS),
+                        help="divergences to time (keywords: DIVERGENCE_KEYWORDS)")
     parser.add_argument("--json", dest="json_path", default=None, help="write the results here")
+
+
+def run_from_args(args: argparse.Namespace) -> list[dict]:
+    """run() with the options of add_arguments()."""
+    return run(args.rows, args.vocab, args.dtype, args.device, args.repeats, args.impl and tuple(args.impl),
+               args.json_path, tuple(args.divergence))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -284,9 +321,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--measure", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
-        print(json.dumps(measure(args.measure, args.rows, args.vocab[0], args.dtype[0], args.device, args.repeats)))
+        print(json.dumps(measure(args.measure, args.rows, args.vocab[0], args.dtype[0], args.device, args.repeats,
+                                 args.divergence[0])))
         return 0
-    run(args.rows, args.vocab, args.dtype, args.device, args.repeats, args.impl and tuple(args.impl), args.json_path)
+    run_from_args(args)
     return 0
 
 

@@ -43,8 +43,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
-    benchmark.run(args.rows, args.vocab, args.dtype, args.device, args.repeats, args.impl and tuple(args.impl),
-                  args.json_path)
+    benchmark.run_from_args(args)
     return 0
 
 

@@ -63,14 +63,30 @@ def _check_number(name: str, value: object, low: float, high: float, *, open_low
     return value
 
 
-def _check_options(temperature: float, alpha: float, divergence: str, beta: float, reduction: str,
-                   num_items: Optional[Union[int, Tensor]]) -> tuple[float, float, float]:
-    temperature = _check_number("temperature", temperature, 0.0, math.inf, open_low=True, open_high=True)
-    alpha = _check_number("alpha", alpha, 0.0, 1.0)
+def _divergence_args(divergence: str, beta: float, skew: float, ab_alpha: Optional[float],
+                     ab_beta: Optional[float]) -> list[float]:
+    """The checked values of the divergence's keywords, in its kernel order (DIVERGENCES)."""
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {sorted(DIVERGENCES)}, got {divergence!r}")
-    beta = float(beta) if divergence != "jsd" else _check_number(
-        "beta", beta, 0.0, 1.0, open_low=True, open_high=True)
+    checks = {
+        "beta": lambda: _check_number("beta", beta, 0.0, 1.0, open_low=True, open_high=True),
+        "skew": lambda: _check_number("skew", skew, 0.0, 1.0, open_high=True),
+        "ab_alpha": lambda: _check_ab("ab_alpha", ab_alpha),
+        "ab_beta": lambda: _check_ab("ab_beta", ab_beta),
+    }
+    return [checks[keyword]() for keyword in DIVERGENCES[divergence].keywords]
+
+
+def _check_ab(name: str, value: Optional[float]) -> float:
+    if value is None:
+        raise ValueError(f"divergence='ab' needs {name} (the alpha-beta divergence has no default order)")
+    return _check_number(name, value, -math.inf, math.inf, open_low=True, open_high=True)
+
+
+def _check_options(temperature: float, alpha: float, reduction: str,
+                   num_items: Optional[Union[int, Tensor]]) -> tuple[float, float]:
+    temperature = _check_number("temperature", temperature, 0.0, math.inf, open_low=True, open_high=True)
+    alpha = _check_number("alpha", alpha, 0.0, 1.0)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if num_items is not None:
@@ -82,7 +98,7 @@ def _check_options(temperature: float, alpha: float, divergence: str, beta: floa
                                  f"got shape {tuple(num_items.shape)}")
         else:
             _check_number("num_items", num_items, 0.0, math.inf, open_low=True, open_high=True)
-    return temperature, alpha, beta
+    return temperature, alpha
 
 
 def kd_loss(
@@ -94,6 +110,9 @@ def kd_loss(
     alpha: float = 0.5,
     divergence: str = "forward_kl",
     beta: float = 0.5,
+    skew: float = 0.1,
+    ab_alpha: Optional[float] = None,
+    ab_beta: Optional[float] = None,
     reduction: str = "batchmean",
     ignore_index: int = -100,
     scale_by_temperature: bool = True,
@@ -106,8 +125,15 @@ def kd_loss(
     For each row (a length-V vector of ``[..., V]`` inputs), with ``P_t = softmax(teacher/T)``
     and ``P_s = softmax(student/T)`` computed in fp32 (fp64 for fp64 inputs):
 
-    - ``divergence``: ``"forward_kl"`` KL(P_t || P_s), ``"reverse_kl"`` KL(P_s || P_t), ``"jsd"``
-      beta KL(P_t || M) + (1 - beta) KL(P_s || M) with M = beta P_t + (1 - beta) P_s.
+    - ``divergence``: ``"forward_kl"`` KL(P_t || P_s); ``"reverse_kl"`` KL(P_s || P_t); ``"jsd"``
+      beta KL(P_t || M) + (1 - beta) KL(P_s || M) with M = beta P_t + (1 - beta) P_s,
+      ``0 < beta < 1``; ``"skew_kl"`` KL(P_t || skew P_t + (1 - skew) P_s) and
+      ``"skew_reverse_kl"`` KL(P_s || (1 - skew) P_t + skew P_s), ``0 <= skew < 1`` (DistiLLM;
+      skew = 0 gives forward / reverse KL); ``"tvd"`` sum |P_t - P_s| / 2 (subgradient 0 where
+      equal); ``"ab"`` the alpha-beta divergence of ABKD with ``ab_alpha``, ``ab_beta`` (both
+      required): -1/(a b) sum [P_t^a P_s^b - a/(a+b) P_t^(a+b) - b/(a+b) P_s^(a+b)] and its
+      continuous limits where a, b or a + b is 0 ((1, 0) is forward KL, (0, 1) reverse KL).
+      Each sums over the entries finite in both inputs.
     - ``soft = divergence * (T^2 if scale_by_temperature else 1)``.
     - with ``target``: ``alpha * soft + (1 - alpha) * CE(softmax(student), target)``; rows whose
       target is ``ignore_index`` count in neither term. Without target: ``soft``.
@@ -122,13 +148,14 @@ def kd_loss(
     _check_logits(student_logits, teacher_logits)
     if target is not None:
         _check_target(target, student_logits)
-    temperature, alpha, beta = _check_options(temperature, alpha, divergence, beta, reduction, num_items)
+    temperature, alpha = _check_options(temperature, alpha, reduction, num_items)
+    divergence_args = _divergence_args(divergence, beta, skew, ab_alpha, ab_beta)
     backend = resolve_backend(backend, student_logits.device)
     if backend == "reference":
         return reference.kd_loss(
             student_logits, teacher_logits, target, temperature=temperature, alpha=alpha,
-            divergence=divergence, beta=beta, reduction=reduction, ignore_index=ignore_index,
-            scale_by_temperature=scale_by_temperature, num_items=num_items)
+            divergence=divergence, beta=beta, skew=skew, ab_alpha=ab_alpha, ab_beta=ab_beta, reduction=reduction,
+            ignore_index=ignore_index, scale_by_temperature=scale_by_temperature, num_items=num_items)
 
     vocab = student_logits.shape[-1]
     lead_shape = student_logits.shape[:-1]
@@ -154,7 +181,7 @@ def kd_loss(
         row_weight = denominator.to(weight_dtype).reciprocal()
     grad_enabled = torch.is_grad_enabled()
     rows, _, _ = kd_loss_rows(
-        student, teacher, rows_target, row_weight, temperature, soft_weight, hard_weight, divergence, beta,
+        student, teacher, rows_target, row_weight, temperature, soft_weight, hard_weight, divergence, divergence_args,
         int(ignore_index), grad_enabled and student_logits.requires_grad,
         grad_enabled and teacher_logits.requires_grad, backend)
     if reduction == "none":

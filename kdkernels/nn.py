@@ -15,12 +15,13 @@ class KDLoss(torch.nn.Module):
     """Module form of :func:`kdkernels.kd_loss`, with its keywords fixed at construction."""
 
     def __init__(self, *, temperature: float = 1.0, alpha: float = 0.5, divergence: str = "forward_kl",
-                 beta: float = 0.5, reduction: str = "batchmean", ignore_index: int = -100,
+                 beta: float = 0.5, skew: float = 0.1, ab_alpha: Optional[float] = None,
+                 ab_beta: Optional[float] = None, reduction: str = "batchmean", ignore_index: int = -100,
                  scale_by_temperature: bool = True, num_items: Optional[Union[int, Tensor]] = None,
                  backend: str = "auto") -> None:
         super().__init__()
-        self.options = dict(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
-                            reduction=reduction, ignore_index=ignore_index,
+        self.options = dict(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta, skew=skew,
+                            ab_alpha=ab_alpha, ab_beta=ab_beta, reduction=reduction, ignore_index=ignore_index,
                             scale_by_temperature=scale_by_temperature, num_items=num_items, backend=backend)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None) -> Tensor:

@@ -14,7 +14,29 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 
 
-def _divergence_rows(log_p: Tensor, log_q: Tensor, divergence: str, beta: float) -> Tensor:
+def _log_mixture(log_p: Tensor, log_q: Tensor, weight: float) -> Tensor:
+    """log(weight * p + (1 - weight) * q)."""
+    log_weight = math.log(weight) if weight > 0 else -math.inf
+    log_complement = math.log1p(-weight) if weight < 1 else -math.inf
+    return torch.logaddexp(log_p + log_weight, log_q + log_complement)
+
+
+def _alpha_beta_terms(p: Tensor, q: Tensor, log_p: Tensor, log_q: Tensor, a: float, b: float) -> Tensor:
+    """The alpha-beta divergence's entries as ABKD writes them, with its special cases."""
+    if a != 0 and b != 0 and a + b != 0:
+        return -(p**a * q**b - a / (a + b) * p ** (a + b) - b / (a + b) * q ** (a + b)) / (a * b)
+    if a != 0 and b == 0:
+        return (p**a * (a * log_p - a * log_q) - p**a + q**a) / a**2
+    if a == 0 and b != 0:
+        return (q**b * (b * log_q - b * log_p) - q**b + p**b) / b**2
+    if a != 0:  # a = -b
+        ratio = torch.exp(a * (log_q - log_p))
+        return (torch.log(ratio) + 1 / ratio - 1) / a**2
+    return 0.5 * (log_p - log_q) ** 2
+
+
+def _divergence_rows(log_p: Tensor, log_q: Tensor, divergence: str, beta: float, skew: float,
+                     ab_alpha: Optional[float], ab_beta: Optional[float]) -> Tensor:
     """Row divergence between p = exp(log_p) (teacher) and q = exp(log_q) (student), summed
     over entries finite in both (the other entries contribute 0)."""
     shared = torch.isfinite(log_p) & torch.isfinite(log_q)
@@ -27,8 +49,16 @@ def _divergence_rows(log_p: Tensor, log_q: Tensor, divergence: str, beta: float)
     elif divergence == "reverse_kl":
         terms = q * (log_q - log_p)
     elif divergence == "jsd":
-        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+        log_m = _log_mixture(log_p, log_q, beta)
         terms = beta * p * (log_p - log_m) + (1 - beta) * q * (log_q - log_m)
+    elif divergence == "skew_kl":
+        terms = p * (log_p - _log_mixture(log_p, log_q, skew))
+    elif divergence == "skew_reverse_kl":
+        terms = q * (log_q - _log_mixture(log_p, log_q, 1 - skew))
+    elif divergence == "tvd":
+        terms = 0.5 * (p - q).abs()
+    elif divergence == "ab":
+        terms = _alpha_beta_terms(p, q, log_p, log_q, ab_alpha, ab_beta)
     else:
         raise ValueError(f"unknown divergence {divergence!r}")
     return torch.where(shared, terms, torch.zeros_like(terms)).sum(-1)
@@ -43,6 +73,9 @@ def kd_loss(
     alpha: float = 0.5,
     divergence: str = "forward_kl",
     beta: float = 0.5,
+    skew: float = 0.1,
+    ab_alpha: Optional[float] = None,
+    ab_beta: Optional[float] = None,
     reduction: str = "batchmean",
     ignore_index: int = -100,
     scale_by_temperature: bool = True,
@@ -57,7 +90,7 @@ def kd_loss(
     t = teacher_logits.reshape(-1, vocab).to(dtype)
     log_q = F.log_softmax(s / temperature, dim=-1)
     log_p = F.log_softmax(t / temperature, dim=-1)
-    soft = _divergence_rows(log_p, log_q, divergence, beta)
+    soft = _divergence_rows(log_p, log_q, divergence, beta, skew, ab_alpha, ab_beta)
     if scale_by_temperature:
         soft = soft * temperature**2
     if target is None:

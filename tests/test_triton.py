@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 
 import kdkernels as kdk  # noqa: E402
 from kdkernels import reference  # noqa: E402
-from conftest import assert_matches_reference, make_logits, make_target  # noqa: E402
+from conftest import DIVERGENCE_CASES, assert_matches_reference, make_logits, make_target  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 
@@ -33,7 +33,19 @@ def test_triton_matches_reference(divergence, reduction, dtype, target_mode, voc
                              temperature=temperature, alpha=0.3, beta=0.3)
 
 
-@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("vocab", [1, 7, 1500])
+@pytest.mark.parametrize("target_mode", ["none", "ignored"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("divergence", ["skew_kl", "skew_reverse_kl", "tvd", "ab"])
+def test_triton_divergence_family(divergence, dtype, target_mode, vocab):
+    student = make_logits((2, 3), vocab, dtype, seed=1, device=DEVICE)
+    teacher = make_logits((2, 3), vocab, dtype, seed=2, device=DEVICE)
+    target = None if target_mode == "none" else make_target((2, 3), vocab, ignored=True, device=DEVICE)
+    assert_matches_reference(student, teacher, target, backend="triton", divergence=divergence, temperature=4.0,
+                             alpha=0.3, **DIVERGENCE_CASES[divergence])
+
+
+@pytest.mark.parametrize("divergence", list(DIVERGENCE_CASES))
 def test_triton_strided_3d_masked(divergence):
     student = make_logits((2, 3), 700, torch.float32, contiguous=False, seed=3, requires_grad=False, device=DEVICE)
     teacher = make_logits((2, 3), 700, torch.float32, contiguous=False, seed=4, requires_grad=False, device=DEVICE)
@@ -43,7 +55,8 @@ def test_triton_strided_3d_masked(divergence):
     student.requires_grad_(True)
     teacher.requires_grad_(True)
     target = make_target((2, 3), 600, ignored=True, device=DEVICE)
-    assert_matches_reference(student, teacher, target, backend="triton", divergence=divergence, temperature=2.0)
+    assert_matches_reference(student, teacher, target, backend="triton", divergence=divergence, temperature=2.0,
+                             **DIVERGENCE_CASES[divergence])
 
 
 def test_triton_errors_and_ignored_rows():

@@ -376,7 +376,7 @@ KDLossOutputs kd_loss_forward_cpu(const at::Tensor& student, const at::Tensor& t
                                   const std::optional<at::Tensor>& target,
                                   const std::optional<at::Tensor>& row_weight, double temperature,
                                   double soft_weight, double hard_weight, int64_t divergence,
-                                  double beta, int64_t ignore_index, bool student_grad,
+                                  const std::vector<double>& divergence_args, int64_t ignore_index, bool student_grad,
                                   bool teacher_grad) {
   const at::Tensor target_rows =
       check_kd_loss_inputs("kd_loss_forward_cpu", student, teacher, target, row_weight, temperature);
@@ -402,7 +402,7 @@ KDLossOutputs kd_loss_forward_cpu(const at::Tensor& student, const at::Tensor& t
         student_grad ? grad_student.data_ptr<scalar_t>() : nullptr,
         teacher_grad ? grad_teacher.data_ptr<scalar_t>() : nullptr, status.data_ptr<int8_t>(), vocab, ignore_index,
         static_cast<acc_t>(1.0 / temperature), static_cast<acc_t>(soft_weight),
-        static_cast<acc_t>(hard_weight), temperature == 1.0, {static_cast<acc_t>(beta)}};
+        static_cast<acc_t>(hard_weight), temperature == 1.0, make_divergence_params<acc_t>(kind, divergence_args)};
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(vocab, 1));
     const bool known = dispatch_divergence(kind, [&](auto div) {
       using Div = decltype(div);

@@ -88,7 +88,7 @@ KDLossOutputs kd_loss_forward_cuda(const at::Tensor& student, const at::Tensor& 
                                    const std::optional<at::Tensor>& target,
                                    const std::optional<at::Tensor>& row_weight, double temperature,
                                    double soft_weight, double hard_weight, int64_t divergence,
-                                   double beta, int64_t ignore_index, bool student_grad,
+                                   const std::vector<double>& divergence_args, int64_t ignore_index, bool student_grad,
                                    bool teacher_grad) {
   const at::Tensor target_rows =
       check_kd_loss_inputs("kd_loss_forward_cuda", student, teacher, target, row_weight, temperature);
@@ -119,7 +119,7 @@ KDLossOutputs kd_loss_forward_cuda(const at::Tensor& student, const at::Tensor& 
         status.data_ptr<int8_t>(), weight.defined() ? weight.data_ptr<float>() : nullptr,
         static_cast<int>(vocab), ignore_index, static_cast<acc_t>(1.0 / temperature),
         static_cast<acc_t>(soft_weight), static_cast<acc_t>(hard_weight), temperature == 1.0,
-        /*cache_rows=*/false, {static_cast<acc_t>(beta)}};
+        /*cache_rows=*/false, make_divergence_params<acc_t>(kind, divergence_args)};
     // The tensors whose rows the kernel accesses in packs.
     std::vector<RowLayout> layouts{{args.student, args.student_stride}};
     if (need_soft) layouts.push_back({args.teacher, args.teacher_stride});

@@ -7,6 +7,7 @@ incoming per-row gradient."""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from typing import Callable, Optional
 
@@ -16,8 +17,25 @@ from kdkernels.ops import extension
 
 Tensor = torch.Tensor
 
-# Divergence name -> kernel id (csrc/divergences.h: enum Divergence).
-DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+
+@dataclasses.dataclass(frozen=True)
+class DivergenceSpec:
+    """A divergence as the kernels know it: its id (csrc/divergences.h, enum Divergence) and the
+    kd_loss keywords it takes, in the order of its kernel arguments (make_divergence_params)."""
+
+    kernel_id: int
+    keywords: tuple[str, ...] = ()
+
+
+DIVERGENCES = {
+    "forward_kl": DivergenceSpec(0),
+    "reverse_kl": DivergenceSpec(1),
+    "jsd": DivergenceSpec(2, ("beta",)),
+    "skew_kl": DivergenceSpec(3, ("skew",)),
+    "skew_reverse_kl": DivergenceSpec(4, ("skew",)),
+    "tvd": DivergenceSpec(5),
+    "ab": DivergenceSpec(6, ("ab_alpha", "ab_beta")),
+}
 
 # (row_loss, grad_student, grad_teacher, status): the contract of csrc/kd_loss.h.
 KernelOutputs = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -66,22 +84,24 @@ def _kernel(backend: str) -> Callable[..., KernelOutputs]:
 
 @torch.library.custom_op("kdkernels::kd_loss_rows", mutates_args=())
 def kd_loss_rows(student: Tensor, teacher: Tensor, target: Optional[Tensor], row_weight: Optional[Tensor],
-                 temperature: float, soft_weight: float, hard_weight: float, divergence: str, beta: float,
-                 ignore_index: int, student_grad: bool, teacher_grad: bool,
+                 temperature: float, soft_weight: float, hard_weight: float, divergence: str,
+                 divergence_args: list[float], ignore_index: int, student_grad: bool, teacher_grad: bool,
                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Row losses ``row_weight * (soft_weight * D + hard_weight * CE)`` of [N, V] logits (0 at
     rows whose target is ignore_index), and their gradients (empty [0, V] when not asked for).
     row_weight (a 0-d tensor, e.g. 1 / number of rows for a mean; None for 1) is folded into
-    the kernel, so that the common backward from a plain sum needs no pass over the gradients."""
+    the kernel, so that the common backward from a plain sum needs no pass over the gradients.
+    divergence_args: the values of the divergence's keywords (DIVERGENCES)."""
     loss, grad_student, grad_teacher, status = _kernel(backend)(
-        student, teacher, target, row_weight, temperature, soft_weight, hard_weight, DIVERGENCES[divergence], beta,
+        student, teacher, target, row_weight, temperature, soft_weight, hard_weight, DIVERGENCES[divergence].kernel_id,
+        divergence_args,
         ignore_index, student_grad, teacher_grad)
     _raise_for_status(status, target, student.shape[1], ignore_index)
     return loss, grad_student, grad_teacher
 
 
 @kd_loss_rows.register_fake
-def _(student, teacher, target, row_weight, temperature, soft_weight, hard_weight, divergence, beta,
+def _(student, teacher, target, row_weight, temperature, soft_weight, hard_weight, divergence, divergence_args,
       ignore_index, student_grad, teacher_grad, backend):
     rows, vocab = student.shape
     acc_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32

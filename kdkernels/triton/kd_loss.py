@@ -13,6 +13,7 @@ log p) and, if its row sums follow from the statistics, one branch of `_row_sums
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -22,9 +23,9 @@ import triton.language as tl
 
 Tensor = torch.Tensor
 
-# Divergence ids of csrc/divergences.h; SUMS_FROM_STATS mirrors kSumsFromStats.
-FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
-SUMS_FROM_STATS = {FORWARD_KL: True, REVERSE_KL: True, JSD: False}
+# Divergence ids of csrc/divergences.h; the two with kSumsFromStats there.
+FORWARD_KL, REVERSE_KL, JSD, SKEW_KL, SKEW_REVERSE_KL, TVD, ALPHA_BETA = range(7)
+SUMS_FROM_STATS = (FORWARD_KL, REVERSE_KL)
 
 # Row status codes of csrc/row_status.h.
 _TARGET_OUT_OF_RANGE = tl.constexpr(1)
@@ -39,9 +40,76 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def divergence_params(divergence: int, args: list[float], acc_dtype: torch.dtype
+                      ) -> tuple[float, float, float, float, float, float]:
+    """(weight, complement, log weight, log complement) of the mixture of JSD and skew KL, and
+    AB's (alpha, beta): csrc/divergences.h, make_divergence_params."""
+    weight, complement = 0.0, 1.0
+    if divergence in (JSD, SKEW_KL):
+        weight, complement = args[0], 1.0 - args[0]
+    elif divergence == SKEW_REVERSE_KL:
+        weight, complement = 1.0 - args[0], args[0]
+    smallest = torch.finfo(acc_dtype).tiny
+    weight, complement = (w if w >= smallest else 0.0 for w in (weight, complement))
+    alpha, beta = args if divergence == ALPHA_BETA else (0.0, 0.0)
+    return (weight, complement, math.log(weight) if weight else -math.inf,
+            math.log(complement) if complement else -math.inf, alpha, beta)
+
+
 @triton.jit
-def _terms(lp, lq, p, q, beta, DIVERGENCE: tl.constexpr):
-    """Per-entry (value, q * df/dq, p * df/dp) of the divergence sum_j f(p_j, q_j)."""
+def _log_mixture(lp, lq, weight, complement, log_weight, log_complement):
+    """log(w p + (1 - w) q) with the larger weighted term factored out (csrc/divergences.h)."""
+    teacher_larger = lp + log_weight >= lq + log_complement
+    d = lq - lp
+    ratio = tl.exp(tl.where(teacher_larger, d, -d))
+    return tl.where(teacher_larger, lp, lq) + tl.log(
+        tl.where(teacher_larger, weight + complement * ratio, weight * ratio + complement))
+
+
+@triton.jit
+def _exp_dd1(ex, ey, d, TERMS: tl.constexpr):
+    """exp[x, y] from ex = e^x, ey = e^y, d = y - x: a Taylor series where |d| < 1/2."""
+    series = d * 0 + 1
+    for i in tl.static_range(TERMS):
+        series = 1 + series * d * (1.0 / (TERMS - i + 1))
+    return tl.where(tl.abs(d) < 0.5, ex * series, (ey - ex) / d)
+
+
+@triton.jit
+def _sort2(x, ex, y, ey):
+    swap = y < x
+    return tl.where(swap, y, x), tl.where(swap, ey, ex), tl.where(swap, x, y), tl.where(swap, ex, ey)
+
+
+@triton.jit
+def _exp_dd2(x0, e0, x1, e1, x2, e2, TERMS: tl.constexpr):
+    """exp[x0, x1, x2] (csrc/divergences.h): nodes sorted, the difference of first divided
+    differences where they spread by 1/2 or more, else the series in complete homogeneous
+    polynomials."""
+    x0, e0, x1, e1 = _sort2(x0, e0, x1, e1)
+    x1, e1, x2, e2 = _sort2(x1, e1, x2, e2)
+    x0, e0, x1, e1 = _sort2(x0, e0, x1, e1)
+    y1 = x1 - x0
+    spread = x2 - x0
+    h = y1 * 0 + 1
+    y1_power = h
+    inv_factorial = h * 0.5
+    series = inv_factorial
+    for k in tl.static_range(1, TERMS + 1):
+        y1_power = y1_power * y1
+        h = spread * h + y1_power
+        inv_factorial = inv_factorial * (1.0 / (k + 2))
+        series += h * inv_factorial
+    apart = (_exp_dd1(e1, e2, x2 - x1, TERMS) - _exp_dd1(e0, e1, y1, TERMS)) / spread
+    return tl.where(spread < 0.5, e0 * series, apart)
+
+
+@triton.jit
+def _terms(lp, lq, p, q, weight, complement, log_weight, log_complement, ab_alpha, ab_beta,
+           DIVERGENCE: tl.constexpr,
+           TERMS: tl.constexpr):
+    """Per-entry (value, q * df/dq, p * df/dp) of the divergence sum_j f(p_j, q_j); the formulas
+    and their derivation are those of csrc/divergences.h."""
     if DIVERGENCE == 0:  # KL(p || q)
         value = p * (lp - lq)
         d_student = -p
@@ -50,15 +118,38 @@ def _terms(lp, lq, p, q, beta, DIVERGENCE: tl.constexpr):
         value = q * (lq - lp)
         d_student = value + q
         d_teacher = -q
-    else:  # beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q
-        diff = lq - lp
-        teacher_larger = diff <= 0
-        small = tl.exp(tl.where(teacher_larger, diff, -diff))
-        log_m = tl.where(teacher_larger, lp, lq) + tl.log(
-            tl.where(teacher_larger, beta + (1 - beta) * small, beta * small + (1 - beta)))
-        d_teacher = beta * p * (lp - log_m)
-        d_student = (1 - beta) * q * (lq - log_m)
+    elif DIVERGENCE == 2:  # beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q
+        log_m = _log_mixture(lp, lq, weight, complement, log_weight, log_complement)
+        d_teacher = weight * p * (lp - log_m)
+        d_student = complement * q * (lq - log_m)
         value = d_teacher + d_student
+    elif DIVERGENCE == 3:  # KL(p || m), m = w p + (1 - w) q
+        log_m = _log_mixture(lp, lq, weight, complement, log_weight, log_complement)
+        value = p * (lp - log_m)
+        d_student = -complement * p * tl.exp(lq - log_m)
+        d_teacher = value + p - weight * p * tl.exp(lp - log_m)
+    elif DIVERGENCE == 4:  # KL(q || m), m = w p + (1 - w) q with w = 1 - skew
+        log_m = _log_mixture(lp, lq, weight, complement, log_weight, log_complement)
+        value = q * (lq - log_m)
+        d_teacher = -weight * q * tl.exp(lp - log_m)
+        d_student = value + q - complement * q * tl.exp(lq - log_m)
+    elif DIVERGENCE == 5:  # |p - q| / 2
+        half_sign = tl.where(p > q, 0.5, tl.where(p < q, -0.5, 0.0))
+        value = half_sign * (p - q)
+        d_student = -half_sign * q
+        d_teacher = half_sign * p
+    else:  # alpha-beta: f = u^2 exp[x_q, m, x_p], p df/dp = u exp[m, x_p], q df/dq = -u exp[m, x_q]
+        u = lp - lq
+        g = ab_alpha + ab_beta
+        x_q = g * lq
+        m = ab_alpha * lp + ab_beta * lq
+        x_p = g * lp
+        e_q = tl.exp(x_q)
+        e_m = tl.exp(m)
+        e_p = tl.exp(x_p)
+        value = u * u * _exp_dd2(x_q, e_q, m, e_m, x_p, e_p, TERMS)
+        d_student = -u * _exp_dd1(e_m, e_q, -ab_alpha * u, TERMS)
+        d_teacher = u * _exp_dd1(e_m, e_p, ab_beta * u, TERMS)
     return value, d_student, d_teacher
 
 
@@ -89,10 +180,11 @@ def _merge(m, chunk_max):
 @triton.jit
 def _kd_loss_kernel(
     S, T, Y, W, LOSS, GS, GT, STATUS,
-    s_stride, t_stride, V, v_bucket, inv_t, soft_weight, hard_weight, beta, ignore_index,
+    s_stride, t_stride, V, v_bucket, inv_t, soft_weight, hard_weight, ignore_index,
+    mix_weight, mix_complement, log_mix_weight, log_mix_complement, ab_alpha, ab_beta,
     HAS_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEED_SOFT: tl.constexpr, SEPARATE_CE: tl.constexpr,
     STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr, DIVERGENCE: tl.constexpr,
-    SUMS_FROM_STATS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    SUMS_FROM_STATS: tl.constexpr, TERMS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = S + row * s_stride
@@ -198,7 +290,8 @@ def _kd_loss_kernel(
                 shared = (a > neg_inf) & (b > neg_inf)
                 lq = tl.where(shared, (a - m_a) - logz_a, 0.0)
                 lp = tl.where(shared, (b - m_b) - logz_b, 0.0)
-                v, ds, dt = _terms(lp, lq, tl.exp(lp), tl.exp(lq), beta, DIVERGENCE)
+                v, ds, dt = _terms(lp, lq, tl.exp(lp), tl.exp(lq), mix_weight, mix_complement, log_mix_weight,
+                                   log_mix_complement, ab_alpha, ab_beta, DIVERGENCE, TERMS)
                 value += tl.sum(tl.where(shared, v, 0.0))
                 sum_d_student += tl.sum(tl.where(shared, ds, 0.0))
                 sum_d_teacher += tl.sum(tl.where(shared, dt, 0.0))
@@ -230,7 +323,8 @@ def _kd_loss_kernel(
                 shared = (a > neg_inf) & (b > neg_inf)
                 lq = tl.where(shared, (a - m_a) - logz_a, 0.0)
                 lp = tl.where(shared, (b - m_b) - logz_b, 0.0)
-                v, ds, dt = _terms(lp, lq, p, q, beta, DIVERGENCE)
+                v, ds, dt = _terms(lp, lq, p, q, mix_weight, mix_complement, log_mix_weight, log_mix_complement,
+                                   ab_alpha, ab_beta, DIVERGENCE, TERMS)
                 grad_s += soft_scale * (tl.where(shared, ds, 0.0) - q * sum_d_student)
                 grad_t = soft_scale * (tl.where(shared, dt, 0.0) - p * sum_d_teacher)
             if STUDENT_GRAD:
@@ -255,7 +349,8 @@ _tuned_kernel = triton.autotune(configs=_CONFIGS, key=["v_bucket", "NEED_SOFT", 
 
 
 def kd_loss_forward_triton(student: Tensor, teacher: Tensor, target: Optional[Tensor], row_weight: Optional[Tensor],
-                           temperature: float, soft_weight: float, hard_weight: float, divergence: int, beta: float,
+                           temperature: float, soft_weight: float, hard_weight: float, divergence: int,
+                           divergence_args: list[float],
                            ignore_index: int, student_grad: bool, teacher_grad: bool
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The kd_loss contract of csrc/kd_loss.h, with the row weight (a 0-d tensor or None)
@@ -271,11 +366,13 @@ def kd_loss_forward_triton(student: Tensor, teacher: Tensor, target: Optional[Te
     has_target = target is not None
     args = (student, teacher, target if has_target else status, row_weight if row_weight is not None else loss,
             loss, grad_student, grad_teacher, status, student.stride(0), teacher.stride(0), vocab,
-            triton.next_power_of_2(vocab), 1.0 / temperature, soft_weight, hard_weight, beta, ignore_index)
+            triton.next_power_of_2(vocab), 1.0 / temperature, soft_weight, hard_weight, ignore_index,
+            *divergence_params(divergence, divergence_args, acc_dtype))
     flags = dict(HAS_TARGET=has_target, HAS_WEIGHT=row_weight is not None, NEED_SOFT=soft_weight != 0,
                  SEPARATE_CE=has_target and hard_weight != 0 and temperature != 1.0,
                  STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad, DIVERGENCE=divergence,
-                 SUMS_FROM_STATS=SUMS_FROM_STATS[divergence],
+                 SUMS_FROM_STATS=divergence in SUMS_FROM_STATS,
+                 TERMS=17 if acc_dtype == torch.float64 else 9,
                  ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32)
     if interpreting():
         block = min(max(triton.next_power_of_2(vocab), 16), 1024)

@@ -1,0 +1,195 @@
+"""The divergences beyond KL and JSD (skew KL, skew reverse KL, TVD, alpha-beta) on the CPU kernel:
+against their papers' formulas written here in fp64 (not the library's reference), their
+identities and limits, the reference matrix, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kdkernels as kdk
+from conftest import assert_matches_reference, make_logits, make_target
+
+Tensor = torch.Tensor
+
+
+def _skew_kl(p: Tensor, q: Tensor, skew: float) -> Tensor:  # DistiLLM, KL(p || skew p + (1 - skew) q)
+    return (p * torch.log(p / (skew * p + (1 - skew) * q))).sum(-1)
+
+
+def _skew_reverse_kl(p: Tensor, q: Tensor, skew: float) -> Tensor:  # KL(q || (1 - skew) p + skew q)
+    return (q * torch.log(q / ((1 - skew) * p + skew * q))).sum(-1)
+
+
+def _tvd(p: Tensor, q: Tensor) -> Tensor:
+    return 0.5 * (p - q).abs().sum(-1)
+
+
+def _alpha_beta(p: Tensor, q: Tensor, a: float, b: float) -> Tensor:
+    """ABKD's alpha-beta divergence with its published special cases."""
+    if a != 0 and b != 0 and a + b != 0:
+        terms = -(p**a * q**b - a / (a + b) * p ** (a + b) - b / (a + b) * q ** (a + b)) / (a * b)
+    elif b == 0 and a != 0:
+        terms = (p**a * torch.log(p**a / q**a) - p**a + q**a) / a**2
+    elif a == 0 and b != 0:
+        terms = (q**b * torch.log(q**b / p**b) - q**b + p**b) / b**2
+    elif a != 0:  # a = -b
+        terms = (torch.log(q**a / p**a) + (q**a / p**a) ** -1 - 1) / a**2
+    else:
+        terms = 0.5 * (torch.log(p) - torch.log(q)) ** 2
+    return terms.sum(-1)
+
+
+PAPER_FORMULAS = {
+    ("skew_kl", 0.1): lambda p, q: _skew_kl(p, q, 0.1),
+    ("skew_kl", 0.5): lambda p, q: _skew_kl(p, q, 0.5),
+    ("skew_reverse_kl", 0.1): lambda p, q: _skew_reverse_kl(p, q, 0.1),
+    ("skew_reverse_kl", 0.9): lambda p, q: _skew_reverse_kl(p, q, 0.9),
+    ("tvd", None): _tvd,
+    ("ab", (0.5, 0.3)): lambda p, q: _alpha_beta(p, q, 0.5, 0.3),
+    ("ab", (-0.3, 1.2)): lambda p, q: _alpha_beta(p, q, -0.3, 1.2),
+    ("ab", (1.5, -0.4)): lambda p, q: _alpha_beta(p, q, 1.5, -0.4),
+    ("ab", (0.7, 0.0)): lambda p, q: _alpha_beta(p, q, 0.7, 0.0),
+    ("ab", (0.0, 0.4)): lambda p, q: _alpha_beta(p, q, 0.0, 0.4),
+    ("ab", (0.8, -0.8)): lambda p, q: _alpha_beta(p, q, 0.8, -0.8),
+    ("ab", (0.0, 0.0)): lambda p, q: _alpha_beta(p, q, 0.0, 0.0),
+}
+
+
+def _keywords(divergence: str, setting) -> dict:
+    if divergence.startswith("skew"):
+        return {"skew": setting}
+    if divergence == "ab":
+        return {"ab_alpha": setting[0], "ab_beta": setting[1]}
+    return {}
+
+
+def _case_id(case) -> str:
+    divergence, setting = case
+    return divergence if setting is None else f"{divergence}-{setting}"
+
+
+@pytest.mark.parametrize("case", list(PAPER_FORMULAS), ids=_case_id)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_paper_formula(case, dtype):
+    """Values and both gradients of T^2 * D(softmax(t / T), softmax(s / T)) per row."""
+    divergence, setting = case
+    temperature = 2.0
+    s = make_logits((5,), 300, dtype, seed=11)
+    t = make_logits((5,), 300, dtype, seed=12)
+    loss = kdk.kd_loss(s, t, divergence=divergence, temperature=temperature, reduction="none", backend="cpu",
+                       **_keywords(divergence, setting))
+    grads = torch.autograd.grad((loss * torch.linspace(0.5, 1.5, 5, dtype=loss.dtype)).sum(), [s, t])
+
+    s64, t64 = (x.detach().double().requires_grad_() for x in (s, t))
+    p, q = torch.softmax(t64 / temperature, -1), torch.softmax(s64 / temperature, -1)
+    exact = temperature**2 * PAPER_FORMULAS[case](p, q)
+    exact_grads = torch.autograd.grad((exact * torch.linspace(0.5, 1.5, 5, dtype=torch.float64)).sum(), [s64, t64])
+    tolerance = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 2e-5}[dtype]
+    torch.testing.assert_close(loss.detach().double(), exact.detach(), rtol=tolerance,
+                               atol=tolerance * exact.abs().max().item())
+    for grad, exact_grad in zip(grads, exact_grads):
+        scale = exact_grad.abs().max().item()
+        # bf16 gradients: one rounding of each entry into bf16.
+        grad_tolerance = 8e-3 if dtype == torch.bfloat16 else tolerance
+        torch.testing.assert_close(grad.double(), exact_grad, rtol=grad_tolerance, atol=grad_tolerance * scale)
+
+
+@pytest.mark.parametrize("divergence, keywords, equals", [
+    ("skew_kl", {"skew": 0.0}, "forward_kl"),
+    ("skew_reverse_kl", {"skew": 0.0}, "reverse_kl"),
+    ("ab", {"ab_alpha": 1.0, "ab_beta": 0.0}, "forward_kl"),
+    ("ab", {"ab_alpha": 0.0, "ab_beta": 1.0}, "reverse_kl"),
+])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_identities(divergence, keywords, equals, dtype):
+    s = make_logits((6,), 500, dtype, seed=13)
+    t = make_logits((6,), 500, dtype, seed=14)
+    target = make_target((6,), 500, ignored=True)
+    results = []
+    for name, extra in ((divergence, keywords), (equals, {})):
+        loss = kdk.kd_loss(s, t, target, divergence=name, temperature=3.0, reduction="none", **extra)
+        results.append((loss, torch.autograd.grad(loss.sum(), [s, t])))
+    (loss, grads), (expected, expected_grads) = results
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=tolerance, atol=tolerance)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=tolerance, atol=tolerance * expected_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("special, nearby", [
+    ((1.0, 0.0), (1.0, 1e-7)),
+    ((0.0, 1.0), (1e-7, 1.0)),
+    ((0.5, -0.5), (0.5, -0.5 + 1e-7)),
+    ((0.0, 0.0), (1e-7, -2e-7)),
+    ((0.7, 0.0), (0.7, -1e-7)),
+])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_alpha_beta_is_continuous_at_its_special_cases(special, nearby, dtype):
+    """No cancellation next to the special cases: a 1e-7 step in (alpha, beta) moves the loss and
+    its gradients by about 1e-6 relative, in fp32 as in fp64 (the textbook formula, dividing by
+    alpha * beta, would lose all digits of fp32 here)."""
+    s = make_logits((4,), 400, dtype, seed=15)
+    t = make_logits((4,), 400, dtype, seed=16)
+    results = []
+    for a, b in (special, nearby):
+        loss = kdk.kd_loss(s, t, divergence="ab", ab_alpha=a, ab_beta=b, temperature=2.0, reduction="none")
+        results.append((loss, torch.autograd.grad(loss.sum(), [s, t])))
+    (loss, grads), (near_loss, near_grads) = results
+    tolerance = 1e-5 if dtype == torch.float64 else 3e-5
+    torch.testing.assert_close(near_loss.detach(), loss.detach(), rtol=tolerance, atol=0.0)
+    for grad, near_grad in zip(grads, near_grads):
+        torch.testing.assert_close(near_grad, grad, rtol=tolerance, atol=tolerance * grad.abs().max().item())
+
+
+def test_tvd_of_identical_distributions_has_zero_gradient():
+    s = make_logits((3,), 64, torch.float32, seed=17)
+    t = s.detach().clone().requires_grad_()
+    target = torch.tensor([1, 2, 3])
+    loss = kdk.kd_loss(s, t, target, alpha=1.0, divergence="tvd", temperature=2.0)
+    grad_s, grad_t = torch.autograd.grad(loss, [s, t])
+    assert loss.item() == 0.0
+    assert torch.all(grad_s == 0) and torch.all(grad_t == 0)
+
+
+@pytest.mark.parametrize("divergence", ["skew_kl", "skew_reverse_kl", "tvd", "ab"])
+def test_all_ignored_batch_gives_zero(divergence):
+    s = make_logits((4,), 33, torch.float32, seed=18)
+    t = make_logits((4,), 33, torch.float32, seed=19)
+    target = torch.full((4,), -100)
+    loss = kdk.kd_loss(s, t, target, divergence=divergence, **_keywords(divergence, (0.5, 0.5) if divergence == "ab"
+                                                                        else 0.1))
+    grads = torch.autograd.grad(loss, [s, t])
+    assert loss.item() == 0.0 and all(torch.all(g == 0) for g in grads)
+
+
+MATRIX_CASES = [("skew_kl", {"skew": 0.1}), ("skew_reverse_kl", {"skew": 0.3}), ("tvd", {}),
+                ("ab", {"ab_alpha": 0.5, "ab_beta": 0.3}), ("ab", {"ab_alpha": -0.3, "ab_beta": 1.2}),
+                ("ab", {"ab_alpha": 0.2, "ab_beta": -0.2})]
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 1000, 32001])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("target_mode", ["none", "target", "ignored"])
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+@pytest.mark.parametrize("divergence, keywords", MATRIX_CASES, ids=[f"{d}{list(k.values())}" for d, k in MATRIX_CASES])
+def test_matches_reference(divergence, keywords, temperature, target_mode, dtype, vocab):
+    student = make_logits((2, 3), vocab, dtype, contiguous=vocab != 1000, seed=1)
+    teacher = make_logits((2, 3), vocab, dtype, seed=2)
+    target = None if target_mode == "none" else make_target((2, 3), vocab, ignored=target_mode == "ignored")
+    assert_matches_reference(student, teacher, target, backend="cpu", temperature=temperature, divergence=divergence,
+                             reduction="none" if temperature == 1.0 else "batchmean", alpha=0.3, **keywords)
+
+
+@pytest.mark.parametrize("keywords, match", [
+    ({"divergence": "skew_kl", "skew": 1.0}, "skew"),
+    ({"divergence": "skew_reverse_kl", "skew": -0.1}, "skew"),
+    ({"divergence": "skew_kl", "skew": float("nan")}, "skew"),
+    ({"divergence": "ab", "ab_beta": 0.5}, "ab_alpha"),
+    ({"divergence": "ab", "ab_alpha": 0.5}, "ab_beta"),
+    ({"divergence": "ab", "ab_alpha": float("inf"), "ab_beta": 0.5}, "ab_alpha"),
+])
+def test_bad_keywords_are_clear_errors(keywords, match):
+    s = make_logits((2,), 5, torch.float32, seed=20)
+    with pytest.raises(ValueError, match=match):
+        kdk.kd_loss(s, s.detach(), **keywords)
