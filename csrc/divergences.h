@@ -18,6 +18,7 @@
 // make_divergence_params(). Math supplies exp and log for the backend.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -42,13 +43,25 @@ enum class Divergence : int {
   kAlphaBeta = 6,
 };
 
+// The constants of the AB divergence (AlphaBeta below). Its three nodes x_q, m, x_p are
+// x_q + c * u with coefficients c = 0, alpha, alpha + beta; their order by c is fixed per call.
+enum AlphaBetaNode : int { kNodeQ = 0, kNodeM = 1, kNodeP = 2 };
+
+template <typename acc_t>
+struct AlphaBetaParams {
+  acc_t alpha, beta;
+  acc_t inv_alpha, inv_beta, inv_sum;  // 1 / alpha, 1 / beta, 1 / (alpha + beta); inf for 0
+  acc_t offset_middle, spread;         // c of the middle and of the highest node minus the lowest c
+  int lowest, middle;                  // AlphaBetaNode with the lowest and the middle c
+};
+
 // The constants of a divergence, prepared on the host (make_divergence_params).
 template <typename acc_t>
 struct DivergenceParams {
   // Mixture m = w * p + (1 - w) * q of JSD (w = beta) and skew KL (w = skew; 1 - skew for the
   // reverse): w and 1 - w, each flushed to 0 below the smallest normal, and their logs.
   acc_t weight, complement, log_weight, log_complement;
-  acc_t alpha, beta;  // AB divergence
+  AlphaBetaParams<acc_t> ab;
 };
 
 // Per-entry terms, and the same three quantities summed over a row.
@@ -122,48 +135,31 @@ KD_HD acc_t log_mixture(acc_t lp, acc_t lq, const DivergenceParams<acc_t>& prm) 
                                                                         : prm.weight * ratio + prm.complement);
 }
 
-// The divided differences of exp (AlphaBeta). Each takes its nodes with their exps, so that a
-// caller pays one exp per node; near-coincident nodes use Taylor series instead of differences
-// that would cancel.
-// exp[x, y] = (e^y - e^x) / d, or e^x (e^d - 1) / d by its series where |d| < 1/2, given
-// ex = e^x, ey = e^y and d = y - x (passed in, where the caller has it more exactly).
+// Series of the divided differences of exp (AlphaBeta), for arguments below 1/2 in magnitude,
+// truncated below the rounding error of acc_t.
+// (e^d - 1) / d = sum_k d^k / (k + 1)!, which is exp[x, x + d] / e^x.
 template <typename acc_t>
-KD_HD acc_t exp_divided_difference(acc_t ex, acc_t ey, acc_t d) {
-  constexpr int kTerms = sizeof(acc_t) == 8 ? 17 : 9;  // truncation below the rounding error
+KD_HD acc_t exp_ratio_series(acc_t d) {
+  constexpr int kTerms = sizeof(acc_t) == 8 ? 17 : 8;
   acc_t series = 1;
-KD_UNROLL
+  KD_UNROLL
   for (int k = kTerms; k >= 1; --k) series = acc_t(1) + series * d * (acc_t(1) / acc_t(k + 1));
-  return d < acc_t(0.5) && d > acc_t(-0.5) ? ex * series : (ey - ex) / d;
+  return series;
 }
 
-// exp[x0, x1, x2] (e^x / 2 where all nodes meet): with the nodes sorted lo <= mid <= hi,
-// (exp[mid, hi] - exp[lo, mid]) / (hi - lo) when they spread by 1/2 or more, else the series
-// e^lo * sum_k h_k(mid - lo, hi - lo) / (k + 2)! (h_k: complete homogeneous polynomials).
+// sum_k h_k(y1, y2) / (k + 2)! with h_k the complete homogeneous polynomials: exp[x, x + y1, x + y2] / e^x.
 template <typename acc_t>
-KD_HD acc_t exp_divided_difference(acc_t x0, acc_t e0, acc_t x1, acc_t e1, acc_t x2, acc_t e2) {
-  const auto sort_pair = [](acc_t& x, acc_t& ex, acc_t& y, acc_t& ey) {
-    const bool swap = y < x;
-    const acc_t lo = swap ? y : x, e_lo = swap ? ey : ex;
-    y = swap ? x : y;
-    ey = swap ? ex : ey;
-    x = lo;
-    ex = e_lo;
-  };
-  sort_pair(x0, e0, x1, e1);
-  sort_pair(x1, e1, x2, e2);
-  sort_pair(x0, e0, x1, e1);
-  const acc_t y1 = x1 - x0, spread = x2 - x0;
-  constexpr int kTerms = sizeof(acc_t) == 8 ? 18 : 10;
+KD_HD acc_t exp_second_ratio_series(acc_t y1, acc_t y2) {
+  constexpr int kTerms = sizeof(acc_t) == 8 ? 19 : 10;
   acc_t h = 1, y1_power = 1, inv_factorial = acc_t(0.5), series = acc_t(0.5);
-KD_UNROLL
+  KD_UNROLL
   for (int k = 1; k < kTerms; ++k) {
     y1_power *= y1;
-    h = spread * h + y1_power;
+    h = y2 * h + y1_power;
     inv_factorial *= acc_t(1) / acc_t(k + 2);
     series += h * inv_factorial;
   }
-  const acc_t apart = (exp_divided_difference(e1, e2, x2 - x1) - exp_divided_difference(e0, e1, y1)) / spread;
-  return spread < acc_t(0.5) ? e0 * series : apart;
+  return series;
 }
 
 // Generalised JSD: beta * KL(p || m) + (1 - beta) * KL(q || m), m = beta * p + (1 - beta) * q.
@@ -216,20 +212,39 @@ struct TVD {
 
 // Alpha-beta divergence (ABKD): with g = alpha + beta,
 //   f = -1 / (alpha beta) * (p^alpha q^beta - alpha / g * p^g - beta / g * q^g),
-// and its limits where alpha, beta or g is 0. With u = log p - log q, the nodes
-// x_q = g log q, m = alpha log p + beta log q, x_p = g log p and divided differences of exp:
-//   f = u^2 exp[x_q, m, x_p],  p df/dp = u exp[m, x_p],  q df/dq = -u exp[m, x_q],
+// and its limits where alpha, beta or g is 0. With u = log p - log q and the nodes
+// x_q = g log q, m = alpha log p + beta log q = x_q + alpha u, x_p = g log p = x_q + g u, the
+// divided differences of exp give
+//   f = u^2 exp[x_q, m, x_p],  p df/dp = u exp[m, x_p],  q df/dq = -u exp[x_q, m],
 // one formula continuous in (alpha, beta) across every special case: (1, 0) is forward KL,
-// (0, 1) reverse KL, (0, 0) half the squared log-ratio. Three exps per entry.
+// (0, 1) reverse KL, (0, 0) half the squared log-ratio. In G_ab = u exp[a, b] the difference
+// (e^b - e^a) / (c_b - c_a) takes the place of a division by u, and a Taylor series that of the
+// difference where |(c_b - c_a) u| < 1/2; the second divided difference is the difference of
+// the two G of the nodes ordered by c over their c spread, or its series where the nodes lie
+// within 1/2. Three exps and no division per entry.
 struct AlphaBeta {
   static constexpr bool kSumsFromStats = false;
+  template <typename acc_t>
+  static KD_HD acc_t g_pair(acc_t u, acc_t c, acc_t inv_c, acc_t e_a, acc_t e_b) {  // u exp[a, b], c_b - c_a = c
+    const acc_t d = c * u;
+    return d < acc_t(0.5) && d > acc_t(-0.5) ? u * e_a * exp_ratio_series(d) : (e_b - e_a) * inv_c;
+  }
   template <typename Math, typename acc_t>
   static KD_HD Terms<acc_t> terms(acc_t lp, acc_t lq, acc_t, acc_t, const DivergenceParams<acc_t>& prm) {
-    const acc_t u = lp - lq, g = prm.alpha + prm.beta;
-    const acc_t x_q = g * lq, m = prm.alpha * lp + prm.beta * lq, x_p = g * lp;
-    const acc_t e_q = Math::exp(x_q), e_m = Math::exp(m), e_p = Math::exp(x_p);
-    return {u * u * exp_divided_difference(x_q, e_q, m, e_m, x_p, e_p),
-            -u * exp_divided_difference(e_m, e_q, -prm.alpha * u), u * exp_divided_difference(e_m, e_p, prm.beta * u)};
+    const AlphaBetaParams<acc_t>& ab = prm.ab;
+    const acc_t u = lp - lq, g = ab.alpha + ab.beta;
+    const acc_t e_q = Math::exp(g * lq), e_m = Math::exp(ab.alpha * lp + ab.beta * lq), e_p = Math::exp(g * lp);
+    const acc_t g_qm = g_pair(u, ab.alpha, ab.inv_alpha, e_q, e_m);
+    const acc_t g_mp = g_pair(u, ab.beta, ab.inv_beta, e_m, e_p);
+    const acc_t g_qp = g_pair(u, g, ab.inv_sum, e_q, e_p);
+    const acc_t apart = ab.middle == kNodeM ? (g_mp - g_qm) * ab.inv_sum
+                        : ab.middle == kNodeQ ? (g_qp - g_qm) * ab.inv_beta
+                                              : (g_mp - g_qp) * ab.inv_alpha;
+    const acc_t e_lowest = ab.lowest == kNodeQ ? e_q : (ab.lowest == kNodeM ? e_m : e_p);
+    const acc_t near = u * u * e_lowest * exp_second_ratio_series(ab.offset_middle * u, ab.spread * u);
+    const acc_t spread_u = ab.spread * u;
+    const acc_t value = spread_u < acc_t(0.5) && spread_u > acc_t(-0.5) ? near : apart;
+    return {value, -g_qm, g_mp};
   }
 };
 
@@ -246,6 +261,18 @@ inline bool dispatch_divergence(Divergence divergence, Fn&& fn) {
     case Divergence::kAlphaBeta: fn(AlphaBeta{}); return true;
   }
   return false;
+}
+
+// The AB constants: the order of the nodes by their coefficient, and the inverses.
+template <typename acc_t>
+AlphaBetaParams<acc_t> make_alpha_beta_params(double alpha, double beta) {
+  const double c[3] = {0.0, alpha, alpha + beta};  // AlphaBetaNode order
+  int order[3] = {kNodeQ, kNodeM, kNodeP};
+  std::sort(order, order + 3, [&](int x, int y) { return c[x] < c[y]; });
+  const auto inverse = [](double x) { return static_cast<acc_t>(1.0 / x); };  // inf for 0
+  return {static_cast<acc_t>(alpha), static_cast<acc_t>(beta), inverse(alpha), inverse(beta), inverse(alpha + beta),
+          static_cast<acc_t>(c[order[1]] - c[order[0]]), static_cast<acc_t>(c[order[2]] - c[order[0]]), order[0],
+          order[1]};
 }
 
 // The constants of a divergence from its keyword arguments, in the order of kdkernels/ops/
@@ -267,8 +294,7 @@ DivergenceParams<acc_t> make_divergence_params(Divergence divergence, const std:
   complement = flush(complement);
   const bool ab = divergence == Divergence::kAlphaBeta;
   return {static_cast<acc_t>(weight), static_cast<acc_t>(complement), static_cast<acc_t>(std::log(weight)),
-          static_cast<acc_t>(std::log(complement)), static_cast<acc_t>(ab ? first : 0.0),
-          static_cast<acc_t>(ab ? second : 0.0)};
+          static_cast<acc_t>(std::log(complement)), make_alpha_beta_params<acc_t>(ab ? first : 0.0, ab ? second : 0.0)};
 }
 
 }  // namespace kdkernels

@@ -117,6 +117,7 @@ def kd_loss(
     ignore_index: int = -100,
     scale_by_temperature: bool = True,
     num_items: Optional[Union[int, Tensor]] = None,
+    logit_scale: float = 1.0,
     backend: str = "auto",
 ) -> Tensor:
     """Knowledge-distillation loss on logits, fused: softmax, divergence, hard-label CE and
@@ -134,6 +135,8 @@ def kd_loss(
       required): -1/(a b) sum [P_t^a P_s^b - a/(a+b) P_t^(a+b) - b/(a+b) P_s^(a+b)] and its
       continuous limits where a, b or a + b is 0 ((1, 0) is forward KL, (0, 1) reverse KL).
       Each sums over the entries finite in both inputs.
+    - ``logit_scale=c`` (> 0): the soft term sees ``c * logits`` of both inputs (Cohere-style heads);
+      ``T`` still scales the soft term by ``T^2``; the CE term reads the raw logits.
     - ``soft = divergence * (T^2 if scale_by_temperature else 1)``.
     - with ``target``: ``alpha * soft + (1 - alpha) * CE(softmax(student), target)``; rows whose
       target is ``ignore_index`` count in neither term. Without target: ``soft``.
@@ -149,13 +152,15 @@ def kd_loss(
     if target is not None:
         _check_target(target, student_logits)
     temperature, alpha = _check_options(temperature, alpha, reduction, num_items)
+    logit_scale = _check_number("logit_scale", logit_scale, 0.0, math.inf, open_low=True, open_high=True)
     divergence_args = _divergence_args(divergence, beta, skew, ab_alpha, ab_beta)
     backend = resolve_backend(backend, student_logits.device)
     if backend == "reference":
         return reference.kd_loss(
             student_logits, teacher_logits, target, temperature=temperature, alpha=alpha,
             divergence=divergence, beta=beta, skew=skew, ab_alpha=ab_alpha, ab_beta=ab_beta, reduction=reduction,
-            ignore_index=ignore_index, scale_by_temperature=scale_by_temperature, num_items=num_items)
+            ignore_index=ignore_index, scale_by_temperature=scale_by_temperature, num_items=num_items,
+            logit_scale=logit_scale)
 
     vocab = student_logits.shape[-1]
     lead_shape = student_logits.shape[:-1]
@@ -180,8 +185,11 @@ def kd_loss(
             denominator = (rows_target != ignore_index).sum().clamp_min(1)
         row_weight = denominator.to(weight_dtype).reciprocal()
     grad_enabled = torch.is_grad_enabled()
+    # logit_scale c scales the soft term's logits: softmax(c z / T) is softmax(z / (T / c)). The CE
+    # term reads the raw student logits (at T / c = 1 the kernels take them from the same read).
     rows, _, _ = kd_loss_rows(
-        student, teacher, rows_target, row_weight, temperature, soft_weight, hard_weight, divergence, divergence_args,
+        student, teacher, rows_target, row_weight, temperature / logit_scale, soft_weight, hard_weight, divergence,
+        divergence_args,
         int(ignore_index), grad_enabled and student_logits.requires_grad,
         grad_enabled and teacher_logits.requires_grad, backend)
     if reduction == "none":

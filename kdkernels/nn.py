@@ -18,11 +18,12 @@ class KDLoss(torch.nn.Module):
                  beta: float = 0.5, skew: float = 0.1, ab_alpha: Optional[float] = None,
                  ab_beta: Optional[float] = None, reduction: str = "batchmean", ignore_index: int = -100,
                  scale_by_temperature: bool = True, num_items: Optional[Union[int, Tensor]] = None,
-                 backend: str = "auto") -> None:
+                 logit_scale: float = 1.0, backend: str = "auto") -> None:
         super().__init__()
         self.options = dict(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta, skew=skew,
                             ab_alpha=ab_alpha, ab_beta=ab_beta, reduction=reduction, ignore_index=ignore_index,
-                            scale_by_temperature=scale_by_temperature, num_items=num_items, backend=backend)
+                            scale_by_temperature=scale_by_temperature, num_items=num_items, logit_scale=logit_scale,
+                            backend=backend)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None) -> Tensor:
         return kd_loss(student_logits, teacher_logits, target, **self.options)

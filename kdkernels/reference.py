@@ -80,6 +80,7 @@ def kd_loss(
     ignore_index: int = -100,
     scale_by_temperature: bool = True,
     num_items: Optional[int | Tensor] = None,
+    logit_scale: float = 1.0,
 ) -> Tensor:
     """Hinton's distillation loss, ``alpha * T^2 * D(softmax(t/T), softmax(s/T)) +
     (1 - alpha) * CE(s, y)`` per row; see :func:`kdkernels.kd_loss` for the full semantics."""
@@ -88,8 +89,8 @@ def kd_loss(
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     s = student_logits.reshape(-1, vocab).to(dtype)
     t = teacher_logits.reshape(-1, vocab).to(dtype)
-    log_q = F.log_softmax(s / temperature, dim=-1)
-    log_p = F.log_softmax(t / temperature, dim=-1)
+    log_q = F.log_softmax(logit_scale * s / temperature, dim=-1)
+    log_p = F.log_softmax(logit_scale * t / temperature, dim=-1)
     soft = _divergence_rows(log_p, log_q, divergence, beta, skew, ab_alpha, ab_beta)
     if scale_by_temperature:
         soft = soft * temperature**2

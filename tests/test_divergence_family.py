@@ -193,3 +193,38 @@ def test_bad_keywords_are_clear_errors(keywords, match):
     s = make_logits((2,), 5, torch.float32, seed=20)
     with pytest.raises(ValueError, match=match):
         kdk.kd_loss(s, s.detach(), **keywords)
+
+
+# ---- logit transforms ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "ab"])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_logit_scale_matches_reference(divergence, temperature):
+    keywords = {"ab": {"ab_alpha": 0.5, "ab_beta": 0.3}}.get(divergence, {})
+    s = make_logits((2, 3), 257, torch.float32, seed=21)
+    t = make_logits((2, 3), 257, torch.float32, seed=22)
+    target = make_target((2, 3), 257, ignored=True)
+    assert_matches_reference(s, t, target, temperature=temperature, divergence=divergence, logit_scale=2.5, **keywords)
+
+
+def test_logit_scale_is_a_scaling_of_both_inputs():
+    """Soft term only: the loss of (s, t) at scale c is that of (c s, c t); the gradient with
+    respect to s is c times the gradient with respect to c s (the chain rule through z -> c z)."""
+    c = 0.4
+    s = make_logits((4,), 100, torch.float64, seed=23)
+    t = make_logits((4,), 100, torch.float64, seed=24)
+    loss = kdk.kd_loss(s, t, temperature=2.0, logit_scale=c, divergence="reverse_kl")
+    grads = torch.autograd.grad(loss, [s, t])
+    scaled = [(c * x).detach().requires_grad_() for x in (s, t)]
+    expected = kdk.kd_loss(*scaled, temperature=2.0, divergence="reverse_kl")
+    expected_grads = torch.autograd.grad(expected, scaled)
+    torch.testing.assert_close(loss, expected)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, c * expected_grad)
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_logit_scale_is_a_clear_error(value):
+    s = make_logits((2,), 5, torch.float32, seed=25)
+    with pytest.raises(ValueError, match="logit_scale"):
+        kdk.kd_loss(s, s.detach(), logit_scale=value)

@@ -40,10 +40,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def divergence_params(divergence: int, args: list[float], acc_dtype: torch.dtype
-                      ) -> tuple[float, float, float, float, float, float]:
-    """(weight, complement, log weight, log complement) of the mixture of JSD and skew KL, and
-    AB's (alpha, beta): csrc/divergences.h, make_divergence_params."""
+def divergence_params(divergence: int, args: list[float], acc_dtype: torch.dtype) -> tuple:
+    """The kernel's divergence constants, as make_divergence_params (csrc/divergences.h) prepares
+    them: the mixture's (weight, complement, log weight, log complement) of JSD and skew KL, then
+    AB's (alpha, beta, 1 / alpha, 1 / beta, 1 / (alpha + beta), middle and highest coefficient
+    minus the lowest, lowest node, middle node) with nodes q, m, p = 0, 1, 2."""
     weight, complement = 0.0, 1.0
     if divergence in (JSD, SKEW_KL):
         weight, complement = args[0], 1.0 - args[0]
@@ -51,9 +52,18 @@ def divergence_params(divergence: int, args: list[float], acc_dtype: torch.dtype
         weight, complement = 1.0 - args[0], args[0]
     smallest = torch.finfo(acc_dtype).tiny
     weight, complement = (w if w >= smallest else 0.0 for w in (weight, complement))
+    mixture = (weight, complement, math.log(weight) if weight else -math.inf,
+               math.log(complement) if complement else -math.inf)
     alpha, beta = args if divergence == ALPHA_BETA else (0.0, 0.0)
-    return (weight, complement, math.log(weight) if weight else -math.inf,
-            math.log(complement) if complement else -math.inf, alpha, beta)
+    coefficients = (0.0, alpha, alpha + beta)
+    order = sorted(range(3), key=coefficients.__getitem__)
+    lowest = coefficients[order[0]]
+
+    def inverse(x: float) -> float:
+        return 1.0 / x if x else math.inf
+
+    return (*mixture, alpha, beta, inverse(alpha), inverse(beta), inverse(alpha + beta), coefficients[order[1]] - lowest,
+            coefficients[order[2]] - lowest, order[0], order[1])
 
 
 @triton.jit
@@ -67,46 +77,39 @@ def _log_mixture(lp, lq, weight, complement, log_weight, log_complement):
 
 
 @triton.jit
-def _exp_dd1(ex, ey, d, TERMS: tl.constexpr):
-    """exp[x, y] from ex = e^x, ey = e^y, d = y - x: a Taylor series where |d| < 1/2."""
+def _exp_ratio_series(d, TERMS: tl.constexpr):
+    """(e^d - 1) / d as its Taylor series (|d| < 1/2)."""
     series = d * 0 + 1
     for i in tl.static_range(TERMS):
         series = 1 + series * d * (1.0 / (TERMS - i + 1))
-    return tl.where(tl.abs(d) < 0.5, ex * series, (ey - ex) / d)
+    return series
 
 
 @triton.jit
-def _sort2(x, ex, y, ey):
-    swap = y < x
-    return tl.where(swap, y, x), tl.where(swap, ey, ex), tl.where(swap, x, y), tl.where(swap, ex, ey)
-
-
-@triton.jit
-def _exp_dd2(x0, e0, x1, e1, x2, e2, TERMS: tl.constexpr):
-    """exp[x0, x1, x2] (csrc/divergences.h): nodes sorted, the difference of first divided
-    differences where they spread by 1/2 or more, else the series in complete homogeneous
-    polynomials."""
-    x0, e0, x1, e1 = _sort2(x0, e0, x1, e1)
-    x1, e1, x2, e2 = _sort2(x1, e1, x2, e2)
-    x0, e0, x1, e1 = _sort2(x0, e0, x1, e1)
-    y1 = x1 - x0
-    spread = x2 - x0
+def _exp_second_ratio_series(y1, y2, TERMS: tl.constexpr):
+    """sum_k h_k(y1, y2) / (k + 2)!, h_k the complete homogeneous polynomials."""
     h = y1 * 0 + 1
     y1_power = h
     inv_factorial = h * 0.5
     series = inv_factorial
-    for k in tl.static_range(1, TERMS + 1):
+    for k in tl.static_range(1, TERMS + 2):
         y1_power = y1_power * y1
-        h = spread * h + y1_power
+        h = y2 * h + y1_power
         inv_factorial = inv_factorial * (1.0 / (k + 2))
         series += h * inv_factorial
-    apart = (_exp_dd1(e1, e2, x2 - x1, TERMS) - _exp_dd1(e0, e1, y1, TERMS)) / spread
-    return tl.where(spread < 0.5, e0 * series, apart)
+    return series
 
 
 @triton.jit
-def _terms(lp, lq, p, q, weight, complement, log_weight, log_complement, ab_alpha, ab_beta,
-           DIVERGENCE: tl.constexpr,
+def _g_pair(u, c, inv_c, e_a, e_b, TERMS: tl.constexpr):
+    """u exp[a, b] for nodes whose coefficients differ by c (AlphaBeta in csrc/divergences.h)."""
+    d = c * u
+    return tl.where(tl.abs(d) < 0.5, u * e_a * _exp_ratio_series(d, TERMS), (e_b - e_a) * inv_c)
+
+
+@triton.jit
+def _terms(lp, lq, p, q, weight, complement, log_weight, log_complement, ab_alpha, ab_beta, ab_inv_alpha,
+           ab_inv_beta, ab_inv_sum, ab_offset_middle, ab_spread, ab_lowest, ab_middle, DIVERGENCE: tl.constexpr,
            TERMS: tl.constexpr):
     """Per-entry (value, q * df/dq, p * df/dp) of the divergence sum_j f(p_j, q_j); the formulas
     and their derivation are those of csrc/divergences.h."""
@@ -138,18 +141,22 @@ def _terms(lp, lq, p, q, weight, complement, log_weight, log_complement, ab_alph
         value = half_sign * (p - q)
         d_student = -half_sign * q
         d_teacher = half_sign * p
-    else:  # alpha-beta: f = u^2 exp[x_q, m, x_p], p df/dp = u exp[m, x_p], q df/dq = -u exp[m, x_q]
+    else:  # alpha-beta: f = u^2 exp[x_q, m, x_p], p df/dp = u exp[m, x_p], q df/dq = -u exp[x_q, m]
         u = lp - lq
         g = ab_alpha + ab_beta
-        x_q = g * lq
-        m = ab_alpha * lp + ab_beta * lq
-        x_p = g * lp
-        e_q = tl.exp(x_q)
-        e_m = tl.exp(m)
-        e_p = tl.exp(x_p)
-        value = u * u * _exp_dd2(x_q, e_q, m, e_m, x_p, e_p, TERMS)
-        d_student = -u * _exp_dd1(e_m, e_q, -ab_alpha * u, TERMS)
-        d_teacher = u * _exp_dd1(e_m, e_p, ab_beta * u, TERMS)
+        e_q = tl.exp(g * lq)
+        e_m = tl.exp(ab_alpha * lp + ab_beta * lq)
+        e_p = tl.exp(g * lp)
+        g_qm = _g_pair(u, ab_alpha, ab_inv_alpha, e_q, e_m, TERMS)
+        g_mp = _g_pair(u, ab_beta, ab_inv_beta, e_m, e_p, TERMS)
+        g_qp = _g_pair(u, g, ab_inv_sum, e_q, e_p, TERMS)
+        apart = tl.where(ab_middle == 1, (g_mp - g_qm) * ab_inv_sum,
+                         tl.where(ab_middle == 0, (g_qp - g_qm) * ab_inv_beta, (g_mp - g_qp) * ab_inv_alpha))
+        e_lowest = tl.where(ab_lowest == 0, e_q, tl.where(ab_lowest == 1, e_m, e_p))
+        near = u * u * e_lowest * _exp_second_ratio_series(ab_offset_middle * u, ab_spread * u, TERMS)
+        value = tl.where(tl.abs(ab_spread * u) < 0.5, near, apart)
+        d_student = -g_qm
+        d_teacher = g_mp
     return value, d_student, d_teacher
 
 
@@ -181,7 +188,8 @@ def _merge(m, chunk_max):
 def _kd_loss_kernel(
     S, T, Y, W, LOSS, GS, GT, STATUS,
     s_stride, t_stride, V, v_bucket, inv_t, soft_weight, hard_weight, ignore_index,
-    mix_weight, mix_complement, log_mix_weight, log_mix_complement, ab_alpha, ab_beta,
+    mix_weight, mix_complement, log_mix_weight, log_mix_complement, ab_alpha, ab_beta, ab_inv_alpha, ab_inv_beta,
+    ab_inv_sum, ab_offset_middle, ab_spread, ab_lowest, ab_middle,
     HAS_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEED_SOFT: tl.constexpr, SEPARATE_CE: tl.constexpr,
     STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr, DIVERGENCE: tl.constexpr,
     SUMS_FROM_STATS: tl.constexpr, TERMS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
@@ -291,7 +299,8 @@ def _kd_loss_kernel(
                 lq = tl.where(shared, (a - m_a) - logz_a, 0.0)
                 lp = tl.where(shared, (b - m_b) - logz_b, 0.0)
                 v, ds, dt = _terms(lp, lq, tl.exp(lp), tl.exp(lq), mix_weight, mix_complement, log_mix_weight,
-                                   log_mix_complement, ab_alpha, ab_beta, DIVERGENCE, TERMS)
+                                   log_mix_complement, ab_alpha, ab_beta, ab_inv_alpha, ab_inv_beta,
+                                   ab_inv_sum, ab_offset_middle, ab_spread, ab_lowest, ab_middle, DIVERGENCE, TERMS)
                 value += tl.sum(tl.where(shared, v, 0.0))
                 sum_d_student += tl.sum(tl.where(shared, ds, 0.0))
                 sum_d_teacher += tl.sum(tl.where(shared, dt, 0.0))
@@ -324,7 +333,8 @@ def _kd_loss_kernel(
                 lq = tl.where(shared, (a - m_a) - logz_a, 0.0)
                 lp = tl.where(shared, (b - m_b) - logz_b, 0.0)
                 v, ds, dt = _terms(lp, lq, p, q, mix_weight, mix_complement, log_mix_weight, log_mix_complement,
-                                   ab_alpha, ab_beta, DIVERGENCE, TERMS)
+                                   ab_alpha, ab_beta, ab_inv_alpha, ab_inv_beta, ab_inv_sum, ab_offset_middle,
+                                   ab_spread, ab_lowest, ab_middle, DIVERGENCE, TERMS)
                 grad_s += soft_scale * (tl.where(shared, ds, 0.0) - q * sum_d_student)
                 grad_t = soft_scale * (tl.where(shared, dt, 0.0) - p * sum_d_teacher)
             if STUDENT_GRAD:
@@ -372,7 +382,7 @@ def kd_loss_forward_triton(student: Tensor, teacher: Tensor, target: Optional[Te
                  SEPARATE_CE=has_target and hard_weight != 0 and temperature != 1.0,
                  STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad, DIVERGENCE=divergence,
                  SUMS_FROM_STATS=divergence in SUMS_FROM_STATS,
-                 TERMS=17 if acc_dtype == torch.float64 else 9,
+                 TERMS=17 if acc_dtype == torch.float64 else 8,
                  ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32)
     if interpreting():
         block = min(max(triton.next_power_of_2(vocab), 16), 1024)
