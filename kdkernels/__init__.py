@@ -1,9 +1,9 @@
 """kdkernels: fused knowledge-distillation kernels for PyTorch."""
 
-from kdkernels.functional import kd_loss
-from kdkernels.nn import KDLoss
+from kdkernels.functional import fused_linear_kd_loss, kd_loss
+from kdkernels.nn import FusedLinearKDLoss, KDLoss
 from kdkernels.ops import available_backends
 
 __version__ = "0.1.0"
 
-__all__ = ["KDLoss", "available_backends", "kd_loss", "__version__"]
+__all__ = ["FusedLinearKDLoss", "KDLoss", "available_backends", "fused_linear_kd_loss", "kd_loss", "__version__"]

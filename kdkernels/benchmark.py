@@ -69,7 +69,7 @@ def _loss_fn(impl: str, divergence: str) -> Callable[..., torch.Tensor]:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
 
 
-def _rss_bytes(field: str) -> int:
+def rss_bytes(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith(field + ":"):
@@ -77,7 +77,7 @@ def _rss_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")
@@ -114,7 +114,7 @@ def measure(impl: str, rows: int, vocab: int, dtype: str, device: str, repeats: 
     for i in range(repeats):
         inputs = input_sets[i % sets]
         if dev.type == "cuda":
-            times.append(_cuda_seconds(lambda: step(inputs)))
+            times.append(cuda_seconds(lambda: step(inputs)))
         else:
             begin = time.perf_counter()
             step(inputs)
@@ -128,11 +128,11 @@ def measure(impl: str, rows: int, vocab: int, dtype: str, device: str, repeats: 
         step(input_sets[0])
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        base = _rss_bytes("VmRSS")
+        base = rss_bytes("VmRSS")
         peak = -1  # unknown where the kernel cannot reset the high-water mark
-        if _reset_peak_rss():
+        if reset_peak_rss():
             step(input_sets[0])
-            peak = _rss_bytes("VmHWM") - base
+            peak = rss_bytes("VmHWM") - base
     grad_bytes = rows * vocab * input_sets[0][0].element_size()
     median = statistics.median(times)
     return {
@@ -143,7 +143,7 @@ def measure(impl: str, rows: int, vocab: int, dtype: str, device: str, repeats: 
     }
 
 
-def _cuda_seconds(fn: Callable[[], object]) -> float:
+def cuda_seconds(fn: Callable[[], object]) -> float:
     """Device time of fn's work on the current stream, from CUDA events around it."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -159,7 +159,7 @@ def copy_bandwidth_gbps(device: str, nbytes: int = 2**32) -> float:
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)
-    return 2 * nbytes / statistics.median(_cuda_seconds(lambda: dst.copy_(src)) for _ in range(10)) / 1e9
+    return 2 * nbytes / statistics.median(cuda_seconds(lambda: dst.copy_(src)) for _ in range(10)) / 1e9
 
 
 def _measure_here(impl: str, rows: int, vocab: int, dtype: str, device: str, repeats: int, divergence: str) -> dict:

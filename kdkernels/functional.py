@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from typing import Optional, Union
@@ -10,6 +11,8 @@ import torch
 
 from kdkernels import reference
 from kdkernels.ops import DIVERGENCES, kd_loss_rows, resolve_backend
+from kdkernels.ops.fused_linear_kd_loss import default_chunk_rows
+from kdkernels.ops.fused_linear_kd_loss import fused_linear_kd_loss as fused_linear_kd_loss_op
 
 Tensor = torch.Tensor
 
@@ -17,37 +20,60 @@ REDUCTIONS = ("batchmean", "sum", "none")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_logits(student_logits: Tensor, teacher_logits: Tensor) -> None:
-    for name, value in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+def _check_floats(named: dict[str, Tensor], dims: str) -> None:
+    """Each is a floating tensor with a last dimension >= 1, all of one dtype and device."""
+    for name, value in named.items():
         if not isinstance(value, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
         if value.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {value.dtype}")
         if value.dim() < 1 or value.shape[-1] < 1:
-            raise ValueError(f"{name} must have shape [..., V] with V >= 1, got {tuple(value.shape)}")
-    if teacher_logits.dtype != student_logits.dtype:
-        raise TypeError(
-            f"teacher_logits dtype {teacher_logits.dtype} differs from student_logits dtype {student_logits.dtype}")
-    if teacher_logits.device != student_logits.device:
-        raise ValueError(
-            f"teacher_logits is on {teacher_logits.device} but student_logits is on {student_logits.device}")
-    if teacher_logits.shape != student_logits.shape:
+            raise ValueError(f"{name} must have shape {dims} with a last dimension >= 1, got {tuple(value.shape)}")
+    (first, reference_value), *others = named.items()
+    for name, value in others:
+        if value.dtype != reference_value.dtype:
+            raise TypeError(f"{name} dtype {value.dtype} differs from {first} dtype {reference_value.dtype}")
+        if value.device != reference_value.device:
+            raise ValueError(f"{name} is on {value.device} but {first} is on {reference_value.device}")
+
+
+def _shared_vocab(student_vocab: int, teacher_vocab: int, shared_vocab: Optional[int], what: str) -> int:
+    """The vocabulary size to distil over: V of both, or the explicit shared prefix."""
+    if shared_vocab is None:
+        if student_vocab != teacher_vocab:
+            raise ValueError(
+                f"the student's vocabulary has {student_vocab} entries ({what}) but the teacher's has "
+                f"{teacher_vocab}; pass shared_vocab=N to distil over the first N entries of both (e.g. when one "
+                "is padded)")
+        return student_vocab
+    if isinstance(shared_vocab, bool) or not isinstance(shared_vocab, int) or not (
+            1 <= shared_vocab <= min(student_vocab, teacher_vocab)):
+        raise ValueError(f"shared_vocab must be an int in [1, {min(student_vocab, teacher_vocab)}] (the smaller "
+                         f"vocabulary), got {shared_vocab!r}")
+    return shared_vocab
+
+
+def _check_logits(student_logits: Tensor, teacher_logits: Tensor, shared_vocab: Optional[int]) -> int:
+    """Checks the logits; returns the vocabulary size to distil over."""
+    _check_floats({"student_logits": student_logits, "teacher_logits": teacher_logits}, "[..., V]")
+    if teacher_logits.shape[:-1] != student_logits.shape[:-1]:
         raise ValueError(
             f"teacher_logits shape {tuple(teacher_logits.shape)} differs from student_logits shape "
-            f"{tuple(student_logits.shape)} (same leading shape and vocabulary size V expected)")
+            f"{tuple(student_logits.shape)} (same leading shape expected)")
+    return _shared_vocab(student_logits.shape[-1], teacher_logits.shape[-1], shared_vocab, "last dimension")
 
 
-def _check_target(target: Tensor, student_logits: Tensor) -> None:
+def _check_target(target: Tensor, student_logits: Tensor, name: str = "student_logits") -> None:
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor or None, got {type(target).__name__}")
     if target.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"target must hold class indices as int64 (or int32), got {target.dtype}")
     if target.shape != student_logits.shape[:-1]:
         raise ValueError(
-            f"target shape {tuple(target.shape)} must equal the leading shape of student_logits "
+            f"target shape {tuple(target.shape)} must equal the leading shape of {name} "
             f"{tuple(student_logits.shape[:-1])}")
     if target.device != student_logits.device:
-        raise ValueError(f"target is on {target.device} but student_logits is on {student_logits.device}")
+        raise ValueError(f"target is on {target.device} but {name} is on {student_logits.device}")
 
 
 def _check_number(name: str, value: object, low: float, high: float, *, open_low: bool = False,
@@ -101,6 +127,46 @@ def _check_options(temperature: float, alpha: float, reduction: str,
     return temperature, alpha
 
 
+@dataclasses.dataclass(frozen=True)
+class _SoftOptions:
+    """The checked keywords of a KD loss, as the kernels take them."""
+
+    kernel_temperature: float  # T / logit_scale: softmax(c z / T) is softmax(z / (T / c))
+    soft_weight: float
+    hard_weight: float
+    divergence_args: list[float]
+    reduction: str
+    num_items: Optional[Union[int, Tensor]]
+    ignore_index: int
+
+    @classmethod
+    def checked(cls, temperature: float, alpha: float, divergence: str, beta: float, skew: float,
+                ab_alpha: Optional[float], ab_beta: Optional[float], reduction: str,
+                num_items: Optional[Union[int, Tensor]], logit_scale: float, has_target: bool,
+                scale_by_temperature: bool, ignore_index: int) -> "_SoftOptions":
+        temperature, alpha = _check_options(temperature, alpha, reduction, num_items)
+        logit_scale = _check_number("logit_scale", logit_scale, 0.0, math.inf, open_low=True, open_high=True)
+        divergence_args = _divergence_args(divergence, beta, skew, ab_alpha, ab_beta)
+        soft_scale = temperature**2 if scale_by_temperature else 1.0
+        return cls(temperature / logit_scale, soft_scale * (alpha if has_target else 1.0),
+                   1.0 - alpha if has_target else 0.0, divergence_args, reduction, num_items, int(ignore_index))
+
+    def row_weight(self, rows_target: Optional[Tensor], logits_or_hidden: Tensor) -> Optional[Tensor]:
+        """The weight of every row for the reduction (1 / counted rows or 1 / num_items for
+        batchmean, else none), a 0-d tensor on the inputs' device, exact in fp32 (fp64)."""
+        if self.reduction != "batchmean":
+            return None
+        device = logits_or_hidden.device
+        if self.num_items is not None:
+            denominator = torch.as_tensor(self.num_items, device=device)
+        elif rows_target is None:
+            denominator = torch.tensor(max(logits_or_hidden.shape[0], 1), device=device)
+        else:
+            denominator = (rows_target != self.ignore_index).sum().clamp_min(1)
+        weight_dtype = torch.float64 if logits_or_hidden.dtype == torch.float64 else torch.float32
+        return denominator.to(weight_dtype).reciprocal()
+
+
 def kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -118,6 +184,7 @@ def kd_loss(
     scale_by_temperature: bool = True,
     num_items: Optional[Union[int, Tensor]] = None,
     logit_scale: float = 1.0,
+    shared_vocab: Optional[int] = None,
     backend: str = "auto",
 ) -> Tensor:
     """Knowledge-distillation loss on logits, fused: softmax, divergence, hard-label CE and
@@ -138,6 +205,8 @@ def kd_loss(
     - ``logit_scale=c`` (> 0): the soft term sees ``c * logits`` of both inputs (Cohere-style heads);
       ``T`` still scales the soft term by ``T^2``; the CE term reads the raw logits.
     - ``soft = divergence * (T^2 if scale_by_temperature else 1)``.
+    - ``shared_vocab=N``: distil over the first N vocabulary entries of both inputs, whose V may
+      then differ (one padded, e.g. 151936 vs 152064); without it, differing V is an error.
     - with ``target``: ``alpha * soft + (1 - alpha) * CE(softmax(student), target)``; rows whose
       target is ``ignore_index`` count in neither term. Without target: ``soft``.
     - ``reduction``: ``"batchmean"`` (sum over counted rows / their number, or / ``num_items``),
@@ -148,12 +217,12 @@ def kd_loss(
     The loss is returned in fp32 (fp64 for fp64 inputs). ``backend``: "auto" or one of
     :func:`kdkernels.available_backends`.
     """
-    _check_logits(student_logits, teacher_logits)
+    vocab = _check_logits(student_logits, teacher_logits, shared_vocab)
+    student_logits, teacher_logits = student_logits[..., :vocab], teacher_logits[..., :vocab]
     if target is not None:
         _check_target(target, student_logits)
-    temperature, alpha = _check_options(temperature, alpha, reduction, num_items)
-    logit_scale = _check_number("logit_scale", logit_scale, 0.0, math.inf, open_low=True, open_high=True)
-    divergence_args = _divergence_args(divergence, beta, skew, ab_alpha, ab_beta)
+    options = _SoftOptions.checked(temperature, alpha, divergence, beta, skew, ab_alpha, ab_beta, reduction, num_items,
+                                   logit_scale, target is not None, scale_by_temperature, ignore_index)
     backend = resolve_backend(backend, student_logits.device)
     if backend == "reference":
         return reference.kd_loss(
@@ -162,7 +231,6 @@ def kd_loss(
             ignore_index=ignore_index, scale_by_temperature=scale_by_temperature, num_items=num_items,
             logit_scale=logit_scale)
 
-    vocab = student_logits.shape[-1]
     lead_shape = student_logits.shape[:-1]
     student = student_logits.reshape(-1, vocab)
     teacher = teacher_logits.reshape(-1, vocab)
@@ -171,27 +239,107 @@ def kd_loss(
     if teacher.stride(-1) != 1:
         teacher = teacher.contiguous()
     rows_target = None if target is None else target.reshape(-1).long()
-    soft_scale = temperature**2 if scale_by_temperature else 1.0
-    soft_weight = soft_scale * (alpha if target is not None else 1.0)
-    hard_weight = 1.0 - alpha if target is not None else 0.0
-    row_weight = None
-    if reduction == "batchmean":
-        weight_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
-        if num_items is not None:
-            denominator = torch.as_tensor(num_items, device=student.device)
-        elif rows_target is None:
-            denominator = torch.tensor(max(student.shape[0], 1), device=student.device)
-        else:
-            denominator = (rows_target != ignore_index).sum().clamp_min(1)
-        row_weight = denominator.to(weight_dtype).reciprocal()
     grad_enabled = torch.is_grad_enabled()
-    # logit_scale c scales the soft term's logits: softmax(c z / T) is softmax(z / (T / c)). The CE
-    # term reads the raw student logits (at T / c = 1 the kernels take them from the same read).
     rows, _, _ = kd_loss_rows(
-        student, teacher, rows_target, row_weight, temperature / logit_scale, soft_weight, hard_weight, divergence,
-        divergence_args,
-        int(ignore_index), grad_enabled and student_logits.requires_grad,
-        grad_enabled and teacher_logits.requires_grad, backend)
+        student, teacher, rows_target, options.row_weight(rows_target, student), options.kernel_temperature,
+        options.soft_weight, options.hard_weight, divergence, options.divergence_args, options.ignore_index,
+        grad_enabled and student_logits.requires_grad, grad_enabled and teacher_logits.requires_grad, backend)
     if reduction == "none":
         return rows.reshape(lead_shape)
     return rows.sum()
+
+
+def fused_linear_kd_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    target: Optional[Tensor] = None,
+    *,
+    student_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+    shared_vocab: Optional[int] = None,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    ab_alpha: Optional[float] = None,
+    ab_beta: Optional[float] = None,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+    scale_by_temperature: bool = True,
+    num_items: Optional[Union[int, Tensor]] = None,
+    logit_scale: float = 1.0,
+    backend: str = "auto",
+) -> Tensor:
+    """:func:`kd_loss` of ``student_hidden @ student_weight.T + student_bias`` against
+    ``teacher_hidden @ teacher_weight.T + teacher_bias``, without ever holding more than one
+    chunk of rows' logits: the LM heads and the loss run chunk by chunk, and each chunk's
+    gradients for the hidden states, weights and biases are formed as it goes.
+
+    Hidden states are ``[..., H_s]`` and ``[..., H_t]`` with the same leading shape; weights
+    ``[V, H_s]`` and ``[V_t, H_t]`` (``nn.Linear`` layout); biases ``[V]`` and ``[V_t]``. All of one
+    floating dtype and device; the logits are formed in that dtype, as the heads would. ``V`` and
+    ``V_t`` must match unless ``shared_vocab`` names the prefix to distil over. ``chunk_size``:
+    rows per chunk (default: a power of two that keeps a chunk's logits about as large as the
+    hidden states). Gradients flow to the student side, and to the teacher side for whichever of
+    its tensors requires grad. ``reduction`` is ``"batchmean"`` or ``"sum"`` (the weight gradient
+    sums over rows, so per-row losses are not offered); the other keywords are those of
+    :func:`kd_loss`, with the same semantics.
+    """
+    named = {"student_hidden": student_hidden, "student_weight": student_weight, "teacher_hidden": teacher_hidden,
+             "teacher_weight": teacher_weight}
+    named.update({name: bias for name, bias in (("student_bias", student_bias), ("teacher_bias", teacher_bias))
+                  if bias is not None})
+    _check_floats(named, "[..., H] (hidden), [V, H] (weight), [V] (bias)")
+    if student_weight.dim() != 2 or teacher_weight.dim() != 2:
+        raise ValueError(f"student_weight and teacher_weight must be [V, H], got {tuple(student_weight.shape)} and "
+                         f"{tuple(teacher_weight.shape)}")
+    for side, hidden, weight, bias in (("student", student_hidden, student_weight, student_bias),
+                                       ("teacher", teacher_hidden, teacher_weight, teacher_bias)):
+        if hidden.shape[-1] != weight.shape[1]:
+            raise ValueError(f"{side}_hidden has H = {hidden.shape[-1]} but {side}_weight is "
+                             f"{tuple(weight.shape)} ([V, H] expected)")
+        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{side}_bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(f"teacher_hidden shape {tuple(teacher_hidden.shape)} and student_hidden shape "
+                         f"{tuple(student_hidden.shape)} differ in their leading dimensions")
+    vocab = _shared_vocab(student_weight.shape[0], teacher_weight.shape[0], shared_vocab, "rows of the weights")
+    if target is not None:
+        _check_target(target, student_hidden, "student_hidden")
+    if reduction == "none":
+        raise ValueError("fused_linear_kd_loss takes reduction='batchmean' or 'sum' (the weight gradient sums over "
+                         "rows); use kd_loss on the logits for per-row losses")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
+    options = _SoftOptions.checked(temperature, alpha, divergence, beta, skew, ab_alpha, ab_beta, reduction, num_items,
+                                   logit_scale, target is not None, scale_by_temperature, ignore_index)
+    backend = resolve_backend(backend, student_hidden.device)
+    student_weight, teacher_weight = student_weight[:vocab], teacher_weight[:vocab]
+    student_bias = None if student_bias is None else student_bias[:vocab]
+    teacher_bias = None if teacher_bias is None else teacher_bias[:vocab]
+    if backend == "reference":
+        return reference.kd_loss(
+            torch.nn.functional.linear(student_hidden, student_weight, student_bias),
+            torch.nn.functional.linear(teacher_hidden, teacher_weight, teacher_bias), target, temperature=temperature,
+            alpha=alpha, divergence=divergence, beta=beta, skew=skew, ab_alpha=ab_alpha, ab_beta=ab_beta,
+            reduction=reduction, ignore_index=ignore_index, scale_by_temperature=scale_by_temperature,
+            num_items=num_items, logit_scale=logit_scale)
+
+    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
+    h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    rows_target = None if target is None else target.reshape(-1).long()
+    grad_enabled = torch.is_grad_enabled()
+    student_grad = grad_enabled and any(x is not None and x.requires_grad
+                                        for x in (student_hidden, student_weight, student_bias))
+    teacher_grad = grad_enabled and any(x is not None and x.requires_grad
+                                        for x in (teacher_hidden, teacher_weight, teacher_bias))
+    chunk_rows = chunk_size or default_chunk_rows(h_s.shape[0], vocab, h_s.shape[1])
+    loss, *_ = fused_linear_kd_loss_op(
+        h_s, student_weight, student_bias, h_t, teacher_weight, teacher_bias, rows_target,
+        options.row_weight(rows_target, h_s), options.kernel_temperature, options.soft_weight, options.hard_weight,
+        divergence, options.divergence_args, options.ignore_index, chunk_rows, student_grad, teacher_grad, backend)
+    return loss

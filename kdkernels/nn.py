@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
-from kdkernels.functional import kd_loss
+from kdkernels.functional import fused_linear_kd_loss, kd_loss
 
 Tensor = torch.Tensor
 
@@ -27,6 +27,25 @@ class KDLoss(torch.nn.Module):
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None) -> Tensor:
         return kd_loss(student_logits, teacher_logits, target, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={value!r}" for name, value in self.options.items())
+
+
+class FusedLinearKDLoss(torch.nn.Module):
+    """Module form of :func:`kdkernels.fused_linear_kd_loss`, with its keywords fixed at construction:
+    ``forward(student_hidden, student_weight, teacher_hidden, teacher_weight, target=None,
+    student_bias=None, teacher_bias=None)``, e.g. with the ``lm_head`` weights of both models."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        self.options = options
+
+    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
+                target: Optional[Tensor] = None, student_bias: Optional[Tensor] = None,
+                teacher_bias: Optional[Tensor] = None) -> Tensor:
+        return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target,
+                                    student_bias=student_bias, teacher_bias=teacher_bias, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}={value!r}" for name, value in self.options.items())

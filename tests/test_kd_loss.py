@@ -169,7 +169,7 @@ def _valid():
 
 
 @pytest.mark.parametrize("change, error, match", [
-    (lambda s, t, y, kw: (s, t[:, :9], y, kw), ValueError, "teacher_logits shape"),
+    (lambda s, t, y, kw: (s, t[:, :9], y, kw), ValueError, "shared_vocab"),
     (lambda s, t, y, kw: (s, t[:3], y, kw), ValueError, "teacher_logits shape"),
     (lambda s, t, y, kw: (s, t.double(), y, kw), TypeError, "teacher_logits dtype"),
     (lambda s, t, y, kw: (s, t.to("meta"), y, kw), ValueError, "teacher_logits is on"),

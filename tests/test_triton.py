@@ -90,3 +90,18 @@ def test_triton_target_on_masked_logit_without_ce_term():
     target = torch.tensor([0, 4, 1], device=DEVICE)
     student[1, 4] = float("-inf")
     assert torch.isfinite(kdk.kd_loss(student, teacher, target, alpha=1.0, backend="triton"))
+
+
+def test_triton_inside_fused_linear():
+    generator = torch.Generator().manual_seed(12)
+    h_s, h_t = (torch.randn(10, 16, generator=generator).to(DEVICE).requires_grad_() for _ in range(2))
+    w_s, w_t = (torch.randn(300, 16, generator=generator).mul(0.3).to(DEVICE).requires_grad_() for _ in range(2))
+    target = torch.randint(0, 300, (10,), generator=generator).to(DEVICE)
+    results = []
+    for backend in ("triton", "reference"):
+        loss = kdk.fused_linear_kd_loss(h_s, w_s, h_t, w_t, target, chunk_size=4, temperature=2.0, backend=backend)
+        results.append((loss, torch.autograd.grad(loss, [h_s, w_s, h_t, w_t])))
+    (loss, grads), (expected, expected_grads) = results
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)

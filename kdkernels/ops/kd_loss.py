@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from kdkernels.ops import extension
+from kdkernels.ops import extension, saved_gradients
 
 Tensor = torch.Tensor
 
@@ -53,7 +53,7 @@ class RowStatus(enum.IntEnum):
     TEACHER_ALL_MASKED = 6
 
 
-def _raise_for_status(status: Tensor, target: Optional[Tensor], vocab: int, ignore_index: int) -> None:
+def raise_for_status(status: Tensor, target: Optional[Tensor], vocab: int, ignore_index: int) -> None:
     """Raises ValueError for the first row a kernel flagged, naming the input and the row."""
     bad = status.nonzero()
     if not bad.numel():
@@ -73,7 +73,7 @@ def _raise_for_status(status: Tensor, target: Optional[Tensor], vocab: int, igno
     raise ValueError(f"kd_loss: {messages[code]} (rows of the inputs flattened to [N, V])")
 
 
-def _kernel(backend: str) -> Callable[..., KernelOutputs]:
+def kernel(backend: str) -> Callable[..., KernelOutputs]:
     """The forward kernel of a backend; all share the contract of csrc/kd_loss.h."""
     if backend == "triton":
         from kdkernels.triton.kd_loss import kd_loss_forward_triton  # imported on first use: triton is slow to import
@@ -92,11 +92,11 @@ def kd_loss_rows(student: Tensor, teacher: Tensor, target: Optional[Tensor], row
     row_weight (a 0-d tensor, e.g. 1 / number of rows for a mean; None for 1) is folded into
     the kernel, so that the common backward from a plain sum needs no pass over the gradients.
     divergence_args: the values of the divergence's keywords (DIVERGENCES)."""
-    loss, grad_student, grad_teacher, status = _kernel(backend)(
+    loss, grad_student, grad_teacher, status = kernel(backend)(
         student, teacher, target, row_weight, temperature, soft_weight, hard_weight, DIVERGENCES[divergence].kernel_id,
         divergence_args,
         ignore_index, student_grad, teacher_grad)
-    _raise_for_status(status, target, student.shape[1], ignore_index)
+    raise_for_status(status, target, student.shape[1], ignore_index)
     return loss, grad_student, grad_teacher
 
 
@@ -117,36 +117,12 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)  # no zero-filled gradient-sized buffers for those outputs
 
 
-def _graph_is_kept() -> bool:
-    """Whether this backward runs with retain_graph=True (assumed so where torch cannot say)."""
-    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return keep_graph is None or keep_graph()
-
-
-def _can_hand_over(grad: Tensor) -> bool:
-    """Whether the saved gradients can be handed on as they are: the upstream gradient is all
-    ones and the graph is freed after this backward (so nothing reads the saved buffers again).
-    Asked only where the tensor holds real data (not while tracing or capturing a CUDA graph); on
-    CUDA it costs one small device sync, far cheaper than the pass over the gradients it saves."""
-    concrete = type(grad) is torch.Tensor and not torch._is_functional_tensor(grad)
-    capturing = grad.is_cuda and torch.cuda.is_current_stream_capturing()
-    return (concrete and not torch.compiler.is_compiling() and not capturing and not _graph_is_kept()
-            and bool((grad == 1).all()))
-
-
 def _backward(ctx, grad_loss: Optional[Tensor], _grad_student_out, _grad_teacher_out):
     if grad_loss is None:  # the row losses did not reach the differentiated output
         return (None,) * 13
-    if torch.is_grad_enabled():
-        raise NotImplementedError("kd_loss has no second derivative: backward with create_graph=True "
-                                  "is not supported")
+    saved_gradients.check_first_order()
     grads = [grad if needed else None for grad, needed in zip(ctx.saved_tensors, ctx.needs_input_grad[:2])]
-    if not _can_hand_over(grad_loss):  # else e.g. loss.backward(): the saved gradients are the answer
-        # The product is formed in fp32 and rounded once into the gradient's dtype, so that a
-        # loss scale (e.g. 65536, inf in fp16) never meets the half-precision range on its own.
-        scale = grad_loss.unsqueeze(-1).float()
-        grads = [None if grad is None else torch.mul(grad, scale, out=torch.empty_like(grad)) for grad in grads]
-    return (*grads,) + (None,) * 11
+    return (*saved_gradients.scaled(grads, grad_loss.unsqueeze(-1)),) + (None,) * 11
 
 
 kd_loss_rows.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,124 @@
+"""The fused-linear KD op `kdkernels::fused_linear_kd_loss`: the student and teacher LM heads and
+kd_loss, chunk by chunk over rows, so that no more than one chunk's logits ever exist.
+
+For each chunk the logits are projected, the kd_loss kernel of the chosen backend writes their
+row losses and logit gradients, and the gradients of the hidden states, weights and biases are
+formed right away (two matmuls); autograd saves them and backward only scales them."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from kdkernels.ops import saved_gradients
+from kdkernels.ops.kd_loss import DIVERGENCES, kernel, raise_for_status
+
+Tensor = torch.Tensor
+
+
+# A chunk's logits hold at least this many entries, so that its matmuls stay efficient.
+MIN_CHUNK_ENTRIES = 1 << 21
+
+
+def default_chunk_rows(rows: int, vocab: int, hidden: int) -> int:
+    """Rows per chunk, a power of two: a chunk's logits about as large as all the hidden states
+    (rows * hidden entries), but not below MIN_CHUNK_ENTRIES nor above all rows."""
+    budget = max(rows * hidden, MIN_CHUNK_ENTRIES)
+    chunk = 1 << max(0, math.floor(math.log2(max(1, budget // max(vocab, 1)))))
+    return min(chunk, max(rows, 1))
+
+
+def _project(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return torch.nn.functional.linear(hidden, weight, bias)
+
+
+@torch.library.custom_op("kdkernels::fused_linear_kd_loss", mutates_args=())
+def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
+                         teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor],
+                         target: Optional[Tensor], row_weight: Optional[Tensor], temperature: float,
+                         soft_weight: float, hard_weight: float, divergence: str, divergence_args: list[float],
+                         ignore_index: int, chunk_rows: int, student_grad: bool, teacher_grad: bool,
+                         backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Sum over rows of kd_loss_rows on (student_hidden @ W_s^T + b_s, teacher_hidden @ W_t^T +
+    b_t), with its gradients for the student side (student_grad) and the teacher side
+    (teacher_grad): (loss, d student_hidden, d W_s, d b_s, d teacher_hidden, d W_t, d b_t), each
+    gradient empty when not asked for. Hidden states are [N, H]; logits [chunk, V] in their dtype."""
+    rows = student_hidden.shape[0]
+    vocab = student_weight.shape[0]
+    forward = kernel(backend)
+    acc_dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    loss = torch.zeros((), dtype=acc_dtype, device=student_hidden.device)
+    status = torch.zeros(rows, dtype=torch.int8, device=student_hidden.device)
+
+    def grads_of(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], wanted: bool) -> list[Tensor]:
+        if not wanted:
+            return [hidden.new_empty(0) for _ in range(3)]
+        # Weight and bias gradients sum over every chunk: accumulated in fp32 (fp64), rounded once.
+        return [torch.empty_like(hidden), torch.zeros_like(weight, dtype=acc_dtype),
+                torch.zeros(vocab if bias is not None else 0, dtype=acc_dtype, device=weight.device)]
+
+    student_grads = grads_of(student_hidden, student_weight, student_bias, student_grad)
+    teacher_grads = grads_of(teacher_hidden, teacher_weight, teacher_bias, teacher_grad)
+    for start in range(0, rows, chunk_rows):
+        chunk = slice(start, min(start + chunk_rows, rows))
+        h_s, h_t = student_hidden[chunk], teacher_hidden[chunk]
+        logits_s = _project(h_s, student_weight, student_bias)
+        logits_t = _project(h_t, teacher_weight, teacher_bias)
+        rows_loss, grad_s, grad_t, rows_status = forward(
+            logits_s, logits_t, None if target is None else target[chunk], row_weight, temperature, soft_weight,
+            hard_weight, DIVERGENCES[divergence].kernel_id, divergence_args, ignore_index, student_grad, teacher_grad)
+        del logits_s, logits_t
+        loss += rows_loss.sum()
+        status[chunk] = rows_status
+        for wanted, grad_logits, hidden, weight, grads in (
+                (student_grad, grad_s, h_s, student_weight, student_grads),
+                (teacher_grad, grad_t, h_t, teacher_weight, teacher_grads)):
+            if not wanted:
+                continue
+            grad_hidden, grad_weight, grad_bias = grads
+            torch.matmul(grad_logits, weight, out=grad_hidden[chunk])
+            grad_weight.addmm_(grad_logits.t().to(acc_dtype), hidden.to(acc_dtype))
+            if grad_bias.numel():
+                grad_bias += grad_logits.sum(0, dtype=acc_dtype)
+    raise_for_status(status, target, vocab, ignore_index)
+    rounded = [student_grads[0], student_grads[1].to(student_weight.dtype), student_grads[2].to(student_weight.dtype),
+               teacher_grads[0], teacher_grads[1].to(teacher_weight.dtype), teacher_grads[2].to(teacher_weight.dtype)]
+    return (loss, *rounded)
+
+
+@fused_linear_kd_loss.register_fake
+def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, target, row_weight,
+      temperature, soft_weight, hard_weight, divergence, divergence_args, ignore_index, chunk_rows, student_grad,
+      teacher_grad, backend):
+    acc_dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+
+    def grads_like(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], wanted: bool) -> list[Tensor]:
+        if not wanted:
+            return [hidden.new_empty(0) for _ in range(3)]
+        return [torch.empty_like(hidden), torch.empty_like(weight),
+                weight.new_empty(weight.shape[0] if bias is not None else 0)]
+
+    return (student_hidden.new_empty((), dtype=acc_dtype),
+            *grads_like(student_hidden, student_weight, student_bias, student_grad),
+            *grads_like(teacher_hidden, teacher_weight, teacher_bias, teacher_grad))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    grads = output[1:]
+    ctx.save_for_backward(*grads)
+    ctx.mark_non_differentiable(*grads)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_loss: Optional[Tensor], *_grad_outputs):
+    if grad_loss is None:
+        return (None,) * 18
+    saved_gradients.check_first_order()
+    # A gradient the forward was not asked for (or of an absent bias) is saved empty.
+    grads = [grad if needed and grad.numel() else None for grad, needed in zip(ctx.saved_tensors, ctx.needs_input_grad)]
+    return (*saved_gradients.scaled(grads, grad_loss),) + (None,) * 12
+
+
+fused_linear_kd_loss.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,44 @@
+"""Backward of ops that compute their gradients in the forward and save them: hand the saved
+gradients on as they are when that is safe, else scale them by the upstream gradient."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def _graph_is_kept() -> bool:
+    """Whether this backward runs with retain_graph=True (assumed so where torch cannot say)."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return keep_graph is None or keep_graph()
+
+
+def can_hand_over(grad: Tensor) -> bool:
+    """Whether the saved gradients can be handed on as they are: the upstream gradient is all
+    ones and the graph is freed after this backward (so nothing reads the saved buffers again).
+    Asked only where the tensor holds real data (not while tracing or capturing a CUDA graph); on
+    CUDA it costs one small device sync, far cheaper than the pass over the gradients it saves."""
+    concrete = type(grad) is torch.Tensor and not torch._is_functional_tensor(grad)
+    capturing = grad.is_cuda and torch.cuda.is_current_stream_capturing()
+    return (concrete and not torch.compiler.is_compiling() and not capturing and not _graph_is_kept()
+            and bool((grad == 1).all()))
+
+
+def check_first_order() -> None:
+    if torch.is_grad_enabled():
+        raise NotImplementedError("kdkernels losses have no second derivative: backward with create_graph=True "
+                                  "is not supported")
+
+
+def scaled(grads: list[Optional[Tensor]], scale: Tensor) -> list[Optional[Tensor]]:
+    """The saved gradients times the upstream gradient `scale` (broadcast against them), or the
+    saved gradients themselves where can_hand_over allows. The product is formed in fp32 and
+    rounded once into the gradient's dtype, so that a loss scale (e.g. 65536, inf in fp16) never
+    meets the half-precision range on its own."""
+    if can_hand_over(scale):
+        return grads
+    scale = scale.to(torch.promote_types(scale.dtype, torch.float32))
+    return [None if grad is None else torch.mul(grad, scale, out=torch.empty_like(grad)) for grad in grads]
