@@ -1,12 +1,15 @@
 // Python bindings of the compiled kernels (module kdkernels._C).
 #include <torch/extension.h>
 
+#include "dkd_loss.h"
 #include "kd_loss.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kdkernels compiled kernels";
   m.def("kd_loss_forward_cpu", &kdkernels::kd_loss_forward_cpu,
         "Fused KD loss forward on CPU: row losses and logit gradients");
+  m.def("dkd_loss_forward_cpu", &kdkernels::dkd_loss_forward_cpu,
+        "Fused DKD loss forward on CPU: row losses and student logit gradients");
 #ifdef KDKERNELS_WITH_CUDA
   m.def("kd_loss_forward_cuda", &kdkernels::kd_loss_forward_cuda,
         "Fused KD loss forward on CUDA: row losses and logit gradients");

@@ -11,6 +11,8 @@ import torch
 
 from kdkernels import reference
 from kdkernels.ops import DIVERGENCES, kd_loss_rows, resolve_backend
+from kdkernels.ops.backends import BACKENDS
+from kdkernels.ops.dkd_loss import dkd_loss_rows
 from kdkernels.ops.fused_linear_kd_loss import default_chunk_rows
 from kdkernels.ops.fused_linear_kd_loss import fused_linear_kd_loss as fused_linear_kd_loss_op
 
@@ -132,6 +134,7 @@ class _SoftOptions:
     """The checked keywords of a KD loss, as the kernels take them."""
 
     kernel_temperature: float  # T / logit_scale: softmax(c z / T) is softmax(z / (T / c))
+    softcap: float  # 0: off; the kernels apply it to logit_scale * z
     soft_weight: float
     hard_weight: float
     divergence_args: list[float]
@@ -142,29 +145,44 @@ class _SoftOptions:
     @classmethod
     def checked(cls, temperature: float, alpha: float, divergence: str, beta: float, skew: float,
                 ab_alpha: Optional[float], ab_beta: Optional[float], reduction: str,
-                num_items: Optional[Union[int, Tensor]], logit_scale: float, has_target: bool,
-                scale_by_temperature: bool, ignore_index: int) -> "_SoftOptions":
+                num_items: Optional[Union[int, Tensor]], logit_scale: float, softcap: Optional[float],
+                has_target: bool, scale_by_temperature: bool, ignore_index: int) -> "_SoftOptions":
         temperature, alpha = _check_options(temperature, alpha, reduction, num_items)
         logit_scale = _check_number("logit_scale", logit_scale, 0.0, math.inf, open_low=True, open_high=True)
         divergence_args = _divergence_args(divergence, beta, skew, ab_alpha, ab_beta)
+        if softcap is not None:
+            softcap = _check_number("softcap", softcap, 0.0, math.inf, open_low=True, open_high=True)
         soft_scale = temperature**2 if scale_by_temperature else 1.0
-        return cls(temperature / logit_scale, soft_scale * (alpha if has_target else 1.0),
+        # softcap(c z) = c * softcap'(z) with softcap' = softcap / c: the kernels see z at T / c.
+        return cls(temperature / logit_scale, softcap / logit_scale if softcap else 0.0,
+                   soft_scale * (alpha if has_target else 1.0),
                    1.0 - alpha if has_target else 0.0, divergence_args, reduction, num_items, int(ignore_index))
 
-    def row_weight(self, rows_target: Optional[Tensor], logits_or_hidden: Tensor) -> Optional[Tensor]:
-        """The weight of every row for the reduction (1 / counted rows or 1 / num_items for
-        batchmean, else none), a 0-d tensor on the inputs' device, exact in fp32 (fp64)."""
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """The backends with kernels for these options (the CUDA kernel has no softcap)."""
+        return ("cpu", "triton", "reference") if self.softcap else BACKENDS
+
+    def row_weight(self, rows_target: Optional[Tensor], rows: Tensor) -> Optional[Tensor]:
+        """The weight of every row for the reduction (None unless batchmean)."""
         if self.reduction != "batchmean":
             return None
-        device = logits_or_hidden.device
-        if self.num_items is not None:
-            denominator = torch.as_tensor(self.num_items, device=device)
-        elif rows_target is None:
-            denominator = torch.tensor(max(logits_or_hidden.shape[0], 1), device=device)
-        else:
-            denominator = (rows_target != self.ignore_index).sum().clamp_min(1)
-        weight_dtype = torch.float64 if logits_or_hidden.dtype == torch.float64 else torch.float32
-        return denominator.to(weight_dtype).reciprocal()
+        return _mean_weight(rows_target, rows, self.ignore_index, self.num_items)
+
+
+def _mean_weight(rows_target: Optional[Tensor], rows: Tensor, ignore_index: int,
+                 num_items: Optional[Union[int, Tensor]] = None) -> Tensor:
+    """1 / counted rows (or 1 / num_items) as a 0-d tensor on the device of `rows` (the [N, ...]
+    inputs), exact in fp32 (fp64 for fp64 inputs)."""
+    device = rows.device
+    if num_items is not None:
+        denominator = torch.as_tensor(num_items, device=device)
+    elif rows_target is None:
+        denominator = torch.tensor(max(rows.shape[0], 1), device=device)
+    else:
+        denominator = (rows_target != ignore_index).sum().clamp_min(1)
+    weight_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    return denominator.to(weight_dtype).reciprocal()
 
 
 def kd_loss(
@@ -184,6 +202,7 @@ def kd_loss(
     scale_by_temperature: bool = True,
     num_items: Optional[Union[int, Tensor]] = None,
     logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
     shared_vocab: Optional[int] = None,
     backend: str = "auto",
 ) -> Tensor:
@@ -204,6 +223,9 @@ def kd_loss(
       Each sums over the entries finite in both inputs.
     - ``logit_scale=c`` (> 0): the soft term sees ``c * logits`` of both inputs (Cohere-style heads);
       ``T`` still scales the soft term by ``T^2``; the CE term reads the raw logits.
+    - ``softcap=c`` (> 0): the soft term sees ``c * tanh(z / c)`` of both inputs' (scaled) logits
+      z (Gemma-2 ``final_logit_softcapping``), inside the kernel with its exact gradient; the CE
+      term reads the raw logits; -inf entries stay masked. Runs on the cpu and triton backends.
     - ``soft = divergence * (T^2 if scale_by_temperature else 1)``.
     - ``shared_vocab=N``: distil over the first N vocabulary entries of both inputs, whose V may
       then differ (one padded, e.g. 151936 vs 152064); without it, differing V is an error.
@@ -222,14 +244,14 @@ def kd_loss(
     if target is not None:
         _check_target(target, student_logits)
     options = _SoftOptions.checked(temperature, alpha, divergence, beta, skew, ab_alpha, ab_beta, reduction, num_items,
-                                   logit_scale, target is not None, scale_by_temperature, ignore_index)
-    backend = resolve_backend(backend, student_logits.device)
+                                   logit_scale, softcap, target is not None, scale_by_temperature, ignore_index)
+    backend = resolve_backend(backend, student_logits.device, options.backends)
     if backend == "reference":
         return reference.kd_loss(
             student_logits, teacher_logits, target, temperature=temperature, alpha=alpha,
             divergence=divergence, beta=beta, skew=skew, ab_alpha=ab_alpha, ab_beta=ab_beta, reduction=reduction,
             ignore_index=ignore_index, scale_by_temperature=scale_by_temperature, num_items=num_items,
-            logit_scale=logit_scale)
+            logit_scale=logit_scale, softcap=softcap)
 
     lead_shape = student_logits.shape[:-1]
     student = student_logits.reshape(-1, vocab)
@@ -242,8 +264,9 @@ def kd_loss(
     grad_enabled = torch.is_grad_enabled()
     rows, _, _ = kd_loss_rows(
         student, teacher, rows_target, options.row_weight(rows_target, student), options.kernel_temperature,
-        options.soft_weight, options.hard_weight, divergence, options.divergence_args, options.ignore_index,
-        grad_enabled and student_logits.requires_grad, grad_enabled and teacher_logits.requires_grad, backend)
+        options.softcap, options.soft_weight, options.hard_weight, divergence, options.divergence_args,
+        options.ignore_index, grad_enabled and student_logits.requires_grad,
+        grad_enabled and teacher_logits.requires_grad, backend)
     if reduction == "none":
         return rows.reshape(lead_shape)
     return rows.sum()
@@ -272,6 +295,7 @@ def fused_linear_kd_loss(
     scale_by_temperature: bool = True,
     num_items: Optional[Union[int, Tensor]] = None,
     logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
     backend: str = "auto",
 ) -> Tensor:
     """:func:`kd_loss` of ``student_hidden @ student_weight.T + student_bias`` against
@@ -316,8 +340,8 @@ def fused_linear_kd_loss(
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
     options = _SoftOptions.checked(temperature, alpha, divergence, beta, skew, ab_alpha, ab_beta, reduction, num_items,
-                                   logit_scale, target is not None, scale_by_temperature, ignore_index)
-    backend = resolve_backend(backend, student_hidden.device)
+                                   logit_scale, softcap, target is not None, scale_by_temperature, ignore_index)
+    backend = resolve_backend(backend, student_hidden.device, options.backends)
     student_weight, teacher_weight = student_weight[:vocab], teacher_weight[:vocab]
     student_bias = None if student_bias is None else student_bias[:vocab]
     teacher_bias = None if teacher_bias is None else teacher_bias[:vocab]
@@ -327,7 +351,7 @@ def fused_linear_kd_loss(
             torch.nn.functional.linear(teacher_hidden, teacher_weight, teacher_bias), target, temperature=temperature,
             alpha=alpha, divergence=divergence, beta=beta, skew=skew, ab_alpha=ab_alpha, ab_beta=ab_beta,
             reduction=reduction, ignore_index=ignore_index, scale_by_temperature=scale_by_temperature,
-            num_items=num_items, logit_scale=logit_scale)
+            num_items=num_items, logit_scale=logit_scale, softcap=softcap)
 
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
     h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
@@ -340,6 +364,55 @@ def fused_linear_kd_loss(
     chunk_rows = chunk_size or default_chunk_rows(h_s.shape[0], vocab, h_s.shape[1])
     loss, *_ = fused_linear_kd_loss_op(
         h_s, student_weight, student_bias, h_t, teacher_weight, teacher_bias, rows_target,
-        options.row_weight(rows_target, h_s), options.kernel_temperature, options.soft_weight, options.hard_weight,
+        options.row_weight(rows_target, h_s), options.kernel_temperature, options.softcap, options.soft_weight,
+        options.hard_weight,
         divergence, options.divergence_args, options.ignore_index, chunk_rows, student_grad, teacher_grad, backend)
     return loss
+
+
+def dkd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor,
+    *,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> Tensor:
+    """Decoupled knowledge distillation (Zhao et al., CVPR 2022), fused.
+
+    Per row with target ``y``, ``P = softmax(teacher / T)``, ``Q = softmax(student / T)``:
+    TCKD = ``KL([P_y, 1 - P_y] || [Q_y, 1 - Q_y])`` and NCKD = ``KL(P^ || Q^)`` over the non-target
+    classes renormalised; loss = ``T^2 * (alpha * TCKD + beta * NCKD)``, averaged over the rows
+    whose target is not ``ignore_index`` (0 when there are none). ``1 - P_y`` is the sum over the
+    other classes (exact where ``P_y`` is near 1); V = 2 gives NCKD = 0. Logits ``[..., V]`` with
+    ``V >= 2`` and finite values; the teacher is a constant (pass it detached). Gradients flow to
+    the student logits; the loss is fp32 (fp64 for fp64 inputs). ``backend``: "auto", "cpu",
+    "triton" or "reference".
+    """
+    vocab = _check_logits(student_logits, teacher_logits, None)
+    if vocab < 2:
+        raise ValueError(f"dkd_loss needs V >= 2 classes, got V = {vocab}")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor of class indices, got {type(target).__name__}")
+    _check_target(target, student_logits)
+    if teacher_logits.requires_grad and torch.is_grad_enabled():
+        raise ValueError("dkd_loss treats the teacher as a constant: pass teacher_logits.detach()")
+    temperature = _check_number("temperature", temperature, 0.0, math.inf, open_low=True, open_high=True)
+    alpha = _check_number("alpha", alpha, 0.0, math.inf, open_high=True)
+    beta = _check_number("beta", beta, 0.0, math.inf, open_high=True)
+    backend = resolve_backend(backend, student_logits.device, supported=("cpu", "triton", "reference"))
+    if backend == "reference":
+        return reference.dkd_loss(student_logits, teacher_logits, target, alpha=alpha, beta=beta,
+                                  temperature=temperature, ignore_index=ignore_index)
+    student = student_logits.reshape(-1, vocab)
+    teacher = teacher_logits.reshape(-1, vocab)
+    student = student if student.stride(-1) == 1 else student.contiguous()
+    teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
+    rows_target = target.reshape(-1).long()
+    rows, _ = dkd_loss_rows(student, teacher, rows_target, _mean_weight(rows_target, student, ignore_index), temperature,
+                            alpha, beta, int(ignore_index), torch.is_grad_enabled() and student_logits.requires_grad,
+                            backend)
+    return rows.sum()

@@ -6,7 +6,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from kdkernels.functional import fused_linear_kd_loss, kd_loss
+from kdkernels.functional import dkd_loss, fused_linear_kd_loss, kd_loss
 
 Tensor = torch.Tensor
 
@@ -46,6 +46,22 @@ class FusedLinearKDLoss(torch.nn.Module):
                 teacher_bias: Optional[Tensor] = None) -> Tensor:
         return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target,
                                     student_bias=student_bias, teacher_bias=teacher_bias, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={value!r}" for name, value in self.options.items())
+
+
+class DKDLoss(torch.nn.Module):
+    """Module form of :func:`kdkernels.dkd_loss`: ``forward(student_logits, teacher_logits, target)``."""
+
+    def __init__(self, *, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, ignore_index: int = -100,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        self.options = dict(alpha=alpha, beta=beta, temperature=temperature, ignore_index=ignore_index,
+                            backend=backend)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> Tensor:
+        return dkd_loss(student_logits, teacher_logits, target, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}={value!r}" for name, value in self.options.items())

@@ -81,6 +81,7 @@ def kd_loss(
     scale_by_temperature: bool = True,
     num_items: Optional[int | Tensor] = None,
     logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
 ) -> Tensor:
     """Hinton's distillation loss, ``alpha * T^2 * D(softmax(t/T), softmax(s/T)) +
     (1 - alpha) * CE(s, y)`` per row; see :func:`kdkernels.kd_loss` for the full semantics."""
@@ -89,8 +90,12 @@ def kd_loss(
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     s = student_logits.reshape(-1, vocab).to(dtype)
     t = teacher_logits.reshape(-1, vocab).to(dtype)
-    log_q = F.log_softmax(logit_scale * s / temperature, dim=-1)
-    log_p = F.log_softmax(logit_scale * t / temperature, dim=-1)
+    soft_s, soft_t = logit_scale * s, logit_scale * t
+    if softcap is not None:  # -inf (masked) entries stay -inf
+        soft_s = torch.where(soft_s == -math.inf, soft_s, softcap * torch.tanh(soft_s / softcap))
+        soft_t = torch.where(soft_t == -math.inf, soft_t, softcap * torch.tanh(soft_t / softcap))
+    log_q = F.log_softmax(soft_s / temperature, dim=-1)
+    log_p = F.log_softmax(soft_t / temperature, dim=-1)
     soft = _divergence_rows(log_p, log_q, divergence, beta, skew, ab_alpha, ab_beta)
     if scale_by_temperature:
         soft = soft * temperature**2
@@ -111,3 +116,37 @@ def kd_loss(
         denominator = num_items if num_items is not None else counted.sum().clamp_min(1)
         return total / denominator
     raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def dkd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor,
+    *,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Decoupled KD (Zhao et al., CVPR 2022): ``T^2 * (alpha * TCKD + beta * NCKD)`` per row,
+    averaged over the rows whose target is not ignore_index; see :func:`kdkernels.dkd_loss`."""
+    vocab = student_logits.shape[-1]
+    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    a = student_logits.reshape(-1, vocab).to(dtype) / temperature
+    b = teacher_logits.reshape(-1, vocab).to(dtype) / temperature
+    y = target.reshape(-1).long()
+    counted = y != ignore_index
+    is_target = F.one_hot(torch.where(counted, y, torch.zeros_like(y)), vocab).bool()
+    rest_a, rest_b = a.masked_fill(is_target, -math.inf), b.masked_fill(is_target, -math.inf)
+    # The binary [p_y, 1 - p_y], with log(1 - p_y) from the sum over the other classes.
+    log_q_y = (a - a.logsumexp(-1, keepdim=True)).masked_fill(~is_target, 0).sum(-1)
+    log_p_y = (b - b.logsumexp(-1, keepdim=True)).masked_fill(~is_target, 0).sum(-1)
+    log_q_rest = rest_a.logsumexp(-1) - a.logsumexp(-1)
+    log_p_rest = rest_b.logsumexp(-1) - b.logsumexp(-1)
+    tckd = log_p_y.exp() * (log_p_y - log_q_y) + log_p_rest.exp() * (log_p_rest - log_q_rest)
+    # The other classes renormalised (the target's -inf stand-in replaced before any product).
+    log_q_hat = torch.where(is_target, 0.0, F.log_softmax(rest_a, -1))
+    log_p_hat = torch.where(is_target, 0.0, F.log_softmax(rest_b, -1))
+    nckd = torch.where(is_target, 0.0, log_p_hat.exp() * (log_p_hat - log_q_hat)).sum(-1)
+    rows = torch.where(counted, temperature**2 * (alpha * tckd + beta * nckd), 0.0)
+    return rows.sum() / counted.sum().clamp_min(1)

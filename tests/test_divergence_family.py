@@ -228,3 +228,73 @@ def test_bad_logit_scale_is_a_clear_error(value):
     s = make_logits((2,), 5, torch.float32, seed=25)
     with pytest.raises(ValueError, match="logit_scale"):
         kdk.kd_loss(s, s.detach(), logit_scale=value)
+
+
+def _softcapped(z: torch.Tensor, cap: float) -> torch.Tensor:  # Gemma-2's final_logit_softcapping
+    return cap * torch.tanh(z / cap)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_softcap_matches_the_formula(divergence, temperature, dtype):
+    """The soft term of (s, t) with softcap c is the divergence of softcap(s), softcap(t); the CE
+    term reads the raw student logits; gradients by autograd through tanh in fp64."""
+    cap, alpha = 5.0, 0.6
+    s = make_logits((7,), 300, dtype, seed=26, scale=6.0)
+    t = make_logits((7,), 300, dtype, seed=27, scale=6.0)
+    target = make_target((7,), 300, ignored=True)
+    keywords = DIVERGENCE_CASES_FOR_SOFTCAP.get(divergence, {})
+    loss = kdk.kd_loss(s, t, target, softcap=cap, temperature=temperature, alpha=alpha, divergence=divergence,
+                       **keywords)
+    grads = torch.autograd.grad(loss, [s, t])
+    s64, t64 = (x.detach().double().requires_grad_() for x in (s, t))
+    soft = kdk.kd_loss(_softcapped(s64, cap), _softcapped(t64, cap), None, temperature=temperature,
+                       divergence=divergence, reduction="none", backend="reference", **keywords)
+    counted = target != -100
+    ce = torch.nn.functional.cross_entropy(s64, target, ignore_index=-100, reduction="none")
+    exact = torch.where(counted, alpha * soft + (1 - alpha) * ce, 0.0).sum() / counted.sum()
+    exact_grads = torch.autograd.grad(exact, [s64, t64])
+    tolerance = {torch.float64: 1e-10, torch.float32: 3e-5, torch.bfloat16: 3e-5}[dtype]
+    torch.testing.assert_close(loss.double(), exact.detach(), rtol=tolerance, atol=tolerance)
+    grad_tolerance = 8e-3 if dtype == torch.bfloat16 else tolerance
+    for grad, exact_grad in zip(grads, exact_grads):
+        torch.testing.assert_close(grad.double(), exact_grad, rtol=grad_tolerance,
+                                   atol=grad_tolerance * exact_grad.abs().max().item())
+
+
+DIVERGENCE_CASES_FOR_SOFTCAP = {"jsd": {"beta": 0.3}}
+
+
+def test_softcap_with_logit_scale_masks_and_fused_linear():
+    s = make_logits((4,), 64, torch.float64, seed=28, scale=8.0, requires_grad=False)
+    t = make_logits((4,), 64, torch.float64, seed=29, scale=8.0, requires_grad=False)
+    s[:, 60:] = float("-inf")
+    t[:, 60:] = float("-inf")
+    s.requires_grad_(True)
+    options = dict(softcap=3.0, logit_scale=0.5, temperature=1.5)
+    loss = kdk.kd_loss(s, t, **options)
+    (grad,) = torch.autograd.grad(loss, [s])
+    expected = kdk.kd_loss(s, t, backend="reference", **options)
+    (expected_grad,) = torch.autograd.grad(expected, [s])
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grad, expected_grad)
+    assert torch.all(grad[:, 60:] == 0)
+    # Inside fused_linear_kd_loss, where the logits never exist outside the kernel's chunk.
+    h_s = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    w_s, h_t, w_t = (torch.randn(*shape, dtype=torch.float64) for shape in ((40, 8), (6, 8), (40, 8)))
+    fused = kdk.fused_linear_kd_loss(h_s, w_s, h_t, w_t, softcap=2.0, chunk_size=4)
+    unfused = kdk.kd_loss(h_s @ w_s.T, h_t @ w_t.T, softcap=2.0)
+    torch.testing.assert_close(fused, unfused)
+    torch.testing.assert_close(torch.autograd.grad(fused, [h_s])[0], torch.autograd.grad(unfused, [h_s])[0])
+
+
+def test_softcap_gradcheck_and_bad_values():
+    s = make_logits((3,), 9, torch.float64, seed=30, scale=4.0)
+    t = make_logits((3,), 9, torch.float64, seed=31, scale=4.0)
+    target = torch.tensor([1, -100, 8])
+    assert torch.autograd.gradcheck(
+        lambda a, b: kdk.kd_loss(a, b, target, softcap=2.5, temperature=1.3, reduction="none", backend="cpu"), (s, t))
+    for value in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="softcap"):
+            kdk.kd_loss(s, t, softcap=value)

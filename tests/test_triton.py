@@ -105,3 +105,32 @@ def test_triton_inside_fused_linear():
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     for grad, expected_grad in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("vocab", [2, 100, 1500])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_dkd(vocab, dtype):
+    student = make_logits((2, 3), vocab, dtype, seed=13, device=DEVICE)
+    teacher = make_logits((2, 3), vocab, dtype, seed=14, requires_grad=False, device=DEVICE)
+    target = make_target((2, 3), vocab, ignored=True, device=DEVICE)
+    loss = kdk.dkd_loss(student, teacher, target, alpha=0.7, beta=2.0, temperature=3.0, backend="triton")
+    (grad,) = torch.autograd.grad(loss, [student])
+    exact_student = student.detach().double().requires_grad_()
+    expected = reference.dkd_loss(exact_student, teacher.double(), target, alpha=0.7, beta=2.0, temperature=3.0)
+    (expected_grad,) = torch.autograd.grad(expected, [exact_student])
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=5e-5, atol=5e-5)
+    tolerance = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=tolerance, atol=tolerance * expected_grad.abs().max())
+    with pytest.raises(ValueError, match="teacher_logits row 1 contains"):
+        bad = teacher.clone()
+        bad[0, 1, 0] = float("nan")
+        kdk.dkd_loss(student, bad, target.clamp(min=0), backend="triton")
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_triton_softcap(divergence):
+    student = make_logits((5,), 700, torch.float32, seed=15, scale=6.0, device=DEVICE)
+    teacher = make_logits((5,), 700, torch.float32, seed=16, scale=6.0, device=DEVICE)
+    target = make_target((5,), 700, ignored=True, device=DEVICE)
+    assert_matches_reference(student, teacher, target, backend="triton", divergence=divergence, temperature=2.0,
+                             softcap=4.0, logit_scale=1.5, **DIVERGENCE_CASES[divergence])

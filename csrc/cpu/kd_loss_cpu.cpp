@@ -9,6 +9,7 @@
 #include "../divergences.h"
 #include "../kd_loss.h"
 #include "../row_status.h"
+#include "cpu_common.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -23,67 +24,7 @@
 namespace kdkernels {
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define KD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define KD_CPU_CLONES
-#endif
-#define KD_INLINE inline __attribute__((always_inline))
-
-constexpr int64_t kChunk = 256;
-
-// Float exp and log for the vector loops: Cephes' polynomials (about 1 ulp), branch-free so
-// that they vectorise. exp underflows to exactly 0 below -87, so exp(-inf) = 0; log expects a
-// positive normal argument.
-struct FastMath {
-  static KD_INLINE float exp(float x) {
-    const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
-    float poly = 1.9875691500e-4f;
-    poly = poly * r + 1.3981999507e-3f;
-    poly = poly * r + 8.3334519073e-3f;
-    poly = poly * r + 4.1665795894e-2f;
-    poly = poly * r + 1.6666665459e-1f;
-    poly = poly * r + 5.0000001201e-1f;
-    poly = poly * r * r + r + 1.0f;
-    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    return x < -87.0f ? 0.0f : poly * scale;
-  }
-  static KD_INLINE float log(float x) {
-    int32_t bits;
-    std::memcpy(&bits, &x, sizeof(bits));
-    float e = static_cast<float>(((bits >> 23) & 0xff) - 126);
-    const int32_t mantissa_bits = (bits & 0x007fffff) | 0x3f000000;
-    float m;
-    std::memcpy(&m, &mantissa_bits, sizeof(m));
-    const bool below_sqrt_half = m < 0.707106781186547524f;
-    e = below_sqrt_half ? e - 1.0f : e;
-    m = below_sqrt_half ? m + m - 1.0f : m - 1.0f;
-    const float z = m * m;
-    float y = 7.0376836292e-2f;
-    y = y * m - 1.1514610310e-1f;
-    y = y * m + 1.1676998740e-1f;
-    y = y * m - 1.2420140846e-1f;
-    y = y * m + 1.4249322787e-1f;
-    y = y * m - 1.6668057665e-1f;
-    y = y * m + 2.0000714765e-1f;
-    y = y * m - 2.4999993993e-1f;
-    y = y * m + 3.3333331174e-1f;
-    y = y * m * z + e * -2.12194440e-4f - 0.5f * z;
-    return (m + y) + e * 0.693359375f;
-  }
-};
-
-struct StdMath {  // double inputs (gradcheck): the C library, exact to rounding
-  static KD_INLINE double exp(double x) { return std::exp(x); }
-  static KD_INLINE double log(double x) { return std::log(x); }
-};
-
-template <typename acc_t>
-using MathFor = std::conditional_t<std::is_same_v<acc_t, double>, StdMath, FastMath>;
+using namespace cpu;  // NOLINT(build/namespaces): the shared CPU kernel pieces
 
 template <typename scalar_t, typename acc_t>
 struct RowArgs {
@@ -98,74 +39,33 @@ struct RowArgs {
   int64_t vocab, ignore_index;
   acc_t inv_temperature, soft_weight, hard_weight;
   bool unit_temperature;
+  acc_t softcap;    // the soft term sees softcap * tanh(x / softcap); 0: off
+  acc_t cap_scale;  // 1 / (softcap / T), so that tanh(x / softcap) = a * cap_scale; 0: off
   DivergenceParams<acc_t> params;
 };
 
-// Running (max, sum of exp(x - max)) of one input, with the support sums of divergences that
-// take their row sums from the statistics; all rescaled together when the max moves.
-template <typename acc_t>
-struct OnlineSide {
-  acc_t max = -std::numeric_limits<acc_t>::infinity();
-  acc_t sum = 0, mass = 0, logratio = 0;
-
-  KD_INLINE void merge(acc_t chunk_max, acc_t chunk_sum, acc_t chunk_mass, acc_t chunk_logratio) {
-    if (!(chunk_sum > 0)) return;
-    if (chunk_max > max) {
-      const acc_t r = std::exp(max - chunk_max);
-      sum = sum * r + chunk_sum;
-      mass = mass * r + chunk_mass;
-      logratio = logratio * r + chunk_logratio;
-      max = chunk_max;
-    } else {
-      const acc_t r = std::exp(chunk_max - max);
-      sum += chunk_sum * r;
-      mass += chunk_mass * r;
-      logratio += chunk_logratio * r;
-    }
-  }
-  KD_INLINE LogNormaliser<acc_t> normaliser() const { return {max, std::log(sum)}; }
-};
-
+// The soft term's view of n logits: x / T, or softcap * tanh(x / softcap) / T (values that are not
+// finite pass through, so that -inf stays masked and NaN or +inf are still found).
 template <typename scalar_t, typename acc_t>
-KD_INLINE void load_scaled(const scalar_t* src, int64_t n, acc_t scale, acc_t* dst) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]) * scale;
-}
-
-template <typename scalar_t, typename acc_t>
-KD_INLINE void store(const acc_t* src, int64_t n, scalar_t* dst) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
-}
-
-// Max of x[0:n]; sets `bad` if an entry is NaN or +inf (-inf is a valid, masked entry).
-template <typename acc_t>
-KD_INLINE acc_t chunk_max(const acc_t* x, int64_t n, int& bad) {
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
-  int b = 0;
-#pragma omp simd reduction(max : m) reduction(| : b)
-  for (int64_t i = 0; i < n; ++i) {
-    m = x[i] > m ? x[i] : m;
-    b |= !(x[i] <= std::numeric_limits<acc_t>::max());
-  }
-  bad |= b;
-  return m;
-}
-
-// The exp offset of a chunk: its max, or 0 when the chunk is all -inf (every exp is then 0).
-template <typename acc_t>
-KD_INLINE acc_t exp_offset(acc_t chunk_max) {
-  return chunk_max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : chunk_max;
-}
-
-template <typename acc_t>
-KD_INLINE void accumulate_exp(const acc_t* x, int64_t n, acc_t chunk_max, OnlineSide<acc_t>& side) {
+KD_INLINE void load_soft(const RowArgs<scalar_t, acc_t>& args, const scalar_t* src, int64_t n, acc_t* dst) {
   using Math = MathFor<acc_t>;
-  const acc_t offset = exp_offset(chunk_max);
-  acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) sum += Math::exp(x[i] - offset);
-  side.merge(chunk_max, sum, 0, 0);
+  load_scaled(src, n, args.inv_temperature, dst);
+  if (args.softcap == 0) return;
+  const acc_t inv_cap = acc_t(1) / args.softcap, cap_over_t = args.softcap * args.inv_temperature;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t x = static_cast<acc_t>(src[i]);
+    const bool finite = x <= std::numeric_limits<acc_t>::max() && x >= -std::numeric_limits<acc_t>::max();
+    dst[i] = finite ? cap_over_t * Math::tanh(x * inv_cap) : dst[i];
+  }
+}
+
+// d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2, from the soft value a; 1 without softcap, 0
+// at masked entries.
+template <typename acc_t>
+KD_INLINE acc_t softcap_slope(acc_t a, acc_t cap_scale) {
+  const acc_t t = a * cap_scale;
+  return t * t < acc_t(1) ? acc_t(1) - t * t : acc_t(0);
 }
 
 // Both inputs' exp sums plus the support sums (entries finite in both): mass and
@@ -194,15 +94,15 @@ KD_INLINE void accumulate_exp_with_support(const acc_t* a, const acc_t* b, int64
   side_b.merge(max_b, sum_b, mass_b, lr_b);
 }
 
-// The anchor of a row (SupportStats): the max of its first kAnchorEntries entries times scale,
-// or 0 if they are all -inf.
+// The anchor of a row (SupportStats): the max of the soft values of its first kAnchorEntries
+// entries, or 0 if they are all -inf.
 template <typename scalar_t, typename acc_t>
-KD_INLINE acc_t row_anchor(const scalar_t* x, int64_t vocab, acc_t scale) {
+KD_INLINE acc_t row_anchor(const RowArgs<scalar_t, acc_t>& args, const scalar_t* x) {
+  acc_t head[kAnchorEntries];
+  const int64_t n = std::min<int64_t>(args.vocab, kAnchorEntries);
+  load_soft(args, x, n, head);
   acc_t m = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t j = 0; j < std::min<int64_t>(vocab, kAnchorEntries); ++j) {
-    const acc_t v = static_cast<acc_t>(x[j]) * scale;
-    m = v > m ? v : m;
-  }
+  for (int64_t j = 0; j < n; ++j) m = head[j] > m ? head[j] : m;
   return exp_offset(m);
 }
 
@@ -235,8 +135,8 @@ KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, i
   const scalar_t* teacher = args.teacher + row * args.teacher_stride;
   for (int64_t j0 = 0; j0 < vocab; j0 += kChunk) {
     const int64_t n = std::min(kChunk, vocab - j0);
-    load_scaled(student + j0, n, args.inv_temperature, a);
-    if constexpr (kSoft) load_scaled(teacher + j0, n, args.inv_temperature, b);
+    load_soft(args, student + j0, n, a);
+    if constexpr (kSoft) load_soft(args, teacher + j0, n, b);
     if constexpr (kSeparateCE) load_scaled(student + j0, n, acc_t(1), c);
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
@@ -249,8 +149,10 @@ KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, i
         const acc_t lq = shared ? g.norm_a.log_prob(a[i]) : acc_t(0);
         const acc_t lp = shared ? g.norm_b.log_prob(b[i]) : acc_t(0);
         const Terms<acc_t> t = Div::template terms<Math>(lp, lq, p, q, args.params);
-        grad_s += g.soft_scale * ((shared ? t.d_student : acc_t(0)) - q * g.sum_d_student);
-        grad_t = g.soft_scale * ((shared ? t.d_teacher : acc_t(0)) - p * g.sum_d_teacher);
+        grad_s += g.soft_scale * ((shared ? t.d_student : acc_t(0)) - q * g.sum_d_student) *
+                  softcap_slope(a[i], args.cap_scale);
+        grad_t = g.soft_scale * ((shared ? t.d_teacher : acc_t(0)) - p * g.sum_d_teacher) *
+                 softcap_slope(b[i], args.cap_scale);
       }
       a[i] = grad_s;
       b[i] = grad_t;
@@ -274,19 +176,20 @@ KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, ac
   if (has_target && (y < 0 || y >= vocab)) return finish_without_loss(args, row, kTargetOutOfRange);
   const bool need_soft = args.soft_weight != 0;
   const bool need_ce = has_target && args.hard_weight != 0;
-  const bool separate_ce = need_ce && !args.unit_temperature;  // CE needs softmax(student) at T = 1
+  // CE needs softmax of the raw student logits: a read of its own unless a = student.
+  const bool separate_ce = need_ce && (!args.unit_temperature || args.softcap != 0);
   const acc_t inv_t = args.inv_temperature;
 
   // Read 1: statistics.
-  const acc_t anchor_a = row_anchor(student, vocab, inv_t), anchor_b = row_anchor(teacher, vocab, inv_t);
+  const acc_t anchor_a = row_anchor(args, student), anchor_b = row_anchor(args, teacher);
   OnlineSide<acc_t> side_a, side_b, side_c;
   int bad_student = 0, bad_teacher = 0;
   for (int64_t j0 = 0; j0 < vocab; j0 += kChunk) {
     const int64_t n = std::min(kChunk, vocab - j0);
-    load_scaled(student + j0, n, inv_t, a);
+    load_soft(args, student + j0, n, a);
     const acc_t max_a = chunk_max(a, n, bad_student);
     if (need_soft) {
-      load_scaled(teacher + j0, n, inv_t, b);
+      load_soft(args, teacher + j0, n, b);
       const acc_t max_b = chunk_max(b, n, bad_teacher);
       if constexpr (Div::kSumsFromStats) {
         accumulate_exp_with_support(a, b, n, max_a, max_b, anchor_a, anchor_b, side_a, side_b);
@@ -328,8 +231,8 @@ KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, ac
     } else {
       for (int64_t j0 = 0; j0 < vocab; j0 += kChunk) {
         const int64_t n = std::min(kChunk, vocab - j0);
-        load_scaled(student + j0, n, inv_t, a);
-        load_scaled(teacher + j0, n, inv_t, b);
+        load_soft(args, student + j0, n, a);
+        load_soft(args, teacher + j0, n, b);
         acc_t value = 0, d_student = 0, d_teacher = 0;
 #pragma omp simd reduction(+ : value, d_student, d_teacher)
         for (int64_t i = 0; i < n; ++i) {
@@ -374,7 +277,7 @@ KD_CPU_CLONES void process_rows(const RowArgs<scalar_t, acc_t>& args, int64_t be
 
 KDLossOutputs kd_loss_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                   const std::optional<at::Tensor>& target,
-                                  const std::optional<at::Tensor>& row_weight, double temperature,
+                                  const std::optional<at::Tensor>& row_weight, double temperature, double softcap,
                                   double soft_weight, double hard_weight, int64_t divergence,
                                   const std::vector<double>& divergence_args, int64_t ignore_index, bool student_grad,
                                   bool teacher_grad) {
@@ -402,7 +305,8 @@ KDLossOutputs kd_loss_forward_cpu(const at::Tensor& student, const at::Tensor& t
         student_grad ? grad_student.data_ptr<scalar_t>() : nullptr,
         teacher_grad ? grad_teacher.data_ptr<scalar_t>() : nullptr, status.data_ptr<int8_t>(), vocab, ignore_index,
         static_cast<acc_t>(1.0 / temperature), static_cast<acc_t>(soft_weight),
-        static_cast<acc_t>(hard_weight), temperature == 1.0, make_divergence_params<acc_t>(kind, divergence_args)};
+        static_cast<acc_t>(hard_weight), temperature == 1.0, static_cast<acc_t>(softcap),
+        static_cast<acc_t>(softcap > 0 ? temperature / softcap : 0.0), make_divergence_params<acc_t>(kind, divergence_args)};
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(vocab, 1));
     const bool known = dispatch_divergence(kind, [&](auto div) {
       using Div = decltype(div);

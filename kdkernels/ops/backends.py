@@ -34,13 +34,16 @@ def available_backends(device: DeviceLike = None) -> list[str]:
     return live
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend for `backend` ("auto" or a name) on `device`, or a ValueError."""
+def resolve_backend(backend: str, device: torch.device, supported: tuple[str, ...] = BACKENDS) -> str:
+    """The concrete backend for `backend` ("auto" or a name) on `device`, among those an op has
+    kernels for (`supported`), or a ValueError."""
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
-    live = available_backends(device)
+    live = [name for name in available_backends(device) if name in supported]
     if backend == "auto":
         return live[0]
+    if backend not in supported:
+        raise ValueError(f"backend {backend!r} has no kernel for this operation or these options; use one of {live}")
     if backend not in live:
         reason = f" ({extension.load_error})" if backend == "cpu" and extension.load_error else ""
         raise ValueError(

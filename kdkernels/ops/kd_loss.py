@@ -53,8 +53,10 @@ class RowStatus(enum.IntEnum):
     TEACHER_ALL_MASKED = 6
 
 
-def raise_for_status(status: Tensor, target: Optional[Tensor], vocab: int, ignore_index: int) -> None:
-    """Raises ValueError for the first row a kernel flagged, naming the input and the row."""
+def raise_for_status(status: Tensor, target: Optional[Tensor], vocab: int, ignore_index: int, op: str = "kd_loss",
+                     non_finite: str = "NaN or +inf") -> None:
+    """Raises ValueError for the first row a kernel flagged, naming the input and the row;
+    `non_finite` says which values the op rejects."""
     bad = status.nonzero()
     if not bad.numel():
         return
@@ -65,12 +67,12 @@ def raise_for_status(status: Tensor, target: Optional[Tensor], vocab: int, ignor
         RowStatus.TARGET_OUT_OF_RANGE:
             f"target[{row}] = {label} is outside [0, {vocab}) and is not ignore_index ({ignore_index})",
         RowStatus.TARGET_MASKED: f"target[{row}] = {label} points at a -inf student logit, so its cross-entropy is infinite",
-        RowStatus.STUDENT_NON_FINITE: f"student_logits row {row} contains NaN or +inf",
-        RowStatus.TEACHER_NON_FINITE: f"teacher_logits row {row} contains NaN or +inf",
+        RowStatus.STUDENT_NON_FINITE: f"student_logits row {row} contains {non_finite}",
+        RowStatus.TEACHER_NON_FINITE: f"teacher_logits row {row} contains {non_finite}",
         RowStatus.STUDENT_ALL_MASKED: f"student_logits row {row} is all -inf",
         RowStatus.TEACHER_ALL_MASKED: f"teacher_logits row {row} is all -inf",
     }
-    raise ValueError(f"kd_loss: {messages[code]} (rows of the inputs flattened to [N, V])")
+    raise ValueError(f"{op}: {messages[code]} (rows of the inputs flattened to [N, V])")
 
 
 def kernel(backend: str) -> Callable[..., KernelOutputs]:
@@ -84,24 +86,24 @@ def kernel(backend: str) -> Callable[..., KernelOutputs]:
 
 @torch.library.custom_op("kdkernels::kd_loss_rows", mutates_args=())
 def kd_loss_rows(student: Tensor, teacher: Tensor, target: Optional[Tensor], row_weight: Optional[Tensor],
-                 temperature: float, soft_weight: float, hard_weight: float, divergence: str,
+                 temperature: float, softcap: float, soft_weight: float, hard_weight: float, divergence: str,
                  divergence_args: list[float], ignore_index: int, student_grad: bool, teacher_grad: bool,
                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Row losses ``row_weight * (soft_weight * D + hard_weight * CE)`` of [N, V] logits (0 at
     rows whose target is ignore_index), and their gradients (empty [0, V] when not asked for).
     row_weight (a 0-d tensor, e.g. 1 / number of rows for a mean; None for 1) is folded into
     the kernel, so that the common backward from a plain sum needs no pass over the gradients.
-    divergence_args: the values of the divergence's keywords (DIVERGENCES)."""
+    divergence_args: the values of the divergence's keywords (DIVERGENCES); softcap > 0 gives the
+    soft term softcap * tanh(z / softcap) of both logits (0: off)."""
     loss, grad_student, grad_teacher, status = kernel(backend)(
-        student, teacher, target, row_weight, temperature, soft_weight, hard_weight, DIVERGENCES[divergence].kernel_id,
-        divergence_args,
-        ignore_index, student_grad, teacher_grad)
+        student, teacher, target, row_weight, temperature, softcap, soft_weight, hard_weight,
+        DIVERGENCES[divergence].kernel_id, divergence_args, ignore_index, student_grad, teacher_grad)
     raise_for_status(status, target, student.shape[1], ignore_index)
     return loss, grad_student, grad_teacher
 
 
 @kd_loss_rows.register_fake
-def _(student, teacher, target, row_weight, temperature, soft_weight, hard_weight, divergence, divergence_args,
+def _(student, teacher, target, row_weight, temperature, softcap, soft_weight, hard_weight, divergence, divergence_args,
       ignore_index, student_grad, teacher_grad, backend):
     rows, vocab = student.shape
     acc_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
@@ -119,10 +121,10 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_loss: Optional[Tensor], _grad_student_out, _grad_teacher_out):
     if grad_loss is None:  # the row losses did not reach the differentiated output
-        return (None,) * 13
+        return (None,) * 14
     saved_gradients.check_first_order()
     grads = [grad if needed else None for grad, needed in zip(ctx.saved_tensors, ctx.needs_input_grad[:2])]
-    return (*saved_gradients.scaled(grads, grad_loss.unsqueeze(-1)),) + (None,) * 11
+    return (*saved_gradients.scaled(grads, grad_loss.unsqueeze(-1)),) + (None,) * 12
 
 
 kd_loss_rows.register_autograd(_backward, setup_context=_setup_context)

@@ -176,6 +176,43 @@ def _row_sums(lse_a, lse_b, mass_a, logratio_a, mass_b, logratio_b, DIVERGENCE: 
 
 
 @triton.jit
+def _tanh(x):
+    """tanh as the C++ kernels compute it: odd Taylor polynomial below |x| = 1/2, else
+    1 - 2 / (e^{2|x|} + 1) with the sign of x."""
+    z = x * x
+    poly = 1.455834387e-3 * z - 3.592128036e-3
+    poly = poly * z + 8.863235530e-3
+    poly = poly * z - 2.186948854e-2
+    poly = poly * z + 5.396825397e-2
+    poly = poly * z - 1.333333333e-1
+    poly = poly * z + 3.333333333e-1
+    ax = tl.abs(x)
+    large = 1 - 2 / (tl.exp(tl.minimum(2 * ax, 88.0)) + 1)
+    return tl.where(ax < 0.5, x - x * z * poly, tl.where(x < 0, -large, large))
+
+
+@triton.jit
+def _soft(x, inv_t, softcap, SOFTCAP: tl.constexpr):
+    """The soft term's view of logits x: x / T, or softcap * tanh(x / softcap) / T (values that
+    are not finite pass through: -inf stays masked, NaN and +inf are still found)."""
+    if SOFTCAP:
+        finite = tl.abs(x) <= 3.0e38
+        x = tl.where(finite, softcap * _tanh(tl.where(finite, x, 0.0) / softcap), x)
+    return x * inv_t
+
+
+@triton.jit
+def _softcap_slope(a, cap_scale, SOFTCAP: tl.constexpr):
+    """d(softcap tanh(x / softcap)) / dx = 1 - tanh^2 from the soft value a (tanh = a * cap_scale);
+    0 at masked entries."""
+    if SOFTCAP:
+        t = a * cap_scale
+        return tl.where(t * t < 1, 1 - t * t, 0.0)
+    else:
+        return 1.0
+
+
+@triton.jit
 def _merge(m, chunk_max):
     """Online max update: the new max, its exp offset (0 while everything is -inf, so that
     exp(-inf - offset) = 0) and the factor that rescales the sums taken at the old max."""
@@ -187,12 +224,13 @@ def _merge(m, chunk_max):
 @triton.jit
 def _kd_loss_kernel(
     S, T, Y, W, LOSS, GS, GT, STATUS,
-    s_stride, t_stride, V, v_bucket, inv_t, soft_weight, hard_weight, ignore_index,
+    s_stride, t_stride, V, v_bucket, inv_t, softcap, cap_scale, soft_weight, hard_weight, ignore_index,
     mix_weight, mix_complement, log_mix_weight, log_mix_complement, ab_alpha, ab_beta, ab_inv_alpha, ab_inv_beta,
     ab_inv_sum, ab_offset_middle, ab_spread, ab_lowest, ab_middle,
     HAS_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEED_SOFT: tl.constexpr, SEPARATE_CE: tl.constexpr,
     STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr, DIVERGENCE: tl.constexpr,
-    SUMS_FROM_STATS: tl.constexpr, TERMS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    SUMS_FROM_STATS: tl.constexpr, TERMS: tl.constexpr, SOFTCAP: tl.constexpr, ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = S + row * s_stride
@@ -221,23 +259,24 @@ def _kd_loss_kernel(
     bad_t = 0
     # Row anchors (csrc/divergences.h, SupportStats): max of the first 16 entries, 0 if all -inf.
     head = tl.arange(0, 16)
-    anchor_a = tl.max(tl.load(s_row + head, mask=head < V, other=neg_inf).to(ACC) * inv_t)
+    anchor_a = tl.max(_soft(tl.load(s_row + head, mask=head < V, other=neg_inf).to(ACC), inv_t, softcap, SOFTCAP))
     anchor_a = tl.where(anchor_a == neg_inf, 0.0, anchor_a)
     anchor_b = zero
     if NEED_SOFT:
-        anchor_b = tl.max(tl.load(t_row + head, mask=head < V, other=neg_inf).to(ACC) * inv_t)
+        anchor_b = tl.max(_soft(tl.load(t_row + head, mask=head < V, other=neg_inf).to(ACC), inv_t, softcap,
+                                 SOFTCAP))
         anchor_b = tl.where(anchor_b == neg_inf, 0.0, anchor_b)
     for start in range(0, V, BLOCK):
         offs = start + cols
         inside = offs < V
         c = tl.load(s_row + offs, mask=inside, other=neg_inf).to(ACC)
-        a = c * inv_t
+        a = _soft(c, inv_t, softcap, SOFTCAP)
         bad_s += tl.sum(((a != a) | (a == float("inf"))).to(tl.int32))
         m_a, offset_a, rescale_a = _merge(m_a, tl.max(a))
         ea = tl.exp(a - offset_a)
         z_a = z_a * rescale_a + tl.sum(ea)
         if NEED_SOFT:
-            b = tl.load(t_row + offs, mask=inside, other=neg_inf).to(ACC) * inv_t
+            b = _soft(tl.load(t_row + offs, mask=inside, other=neg_inf).to(ACC), inv_t, softcap, SOFTCAP)
             bad_t += tl.sum(((b != b) | (b == float("inf"))).to(tl.int32))
             m_b, offset_b, rescale_b = _merge(m_b, tl.max(b))
             eb = tl.exp(b - offset_b)
@@ -293,8 +332,8 @@ def _kd_loss_kernel(
             for start in range(0, V, BLOCK):
                 offs = start + cols
                 inside = offs < V
-                a = tl.load(s_row + offs, mask=inside, other=neg_inf).to(ACC) * inv_t
-                b = tl.load(t_row + offs, mask=inside, other=neg_inf).to(ACC) * inv_t
+                a = _soft(tl.load(s_row + offs, mask=inside, other=neg_inf).to(ACC), inv_t, softcap, SOFTCAP)
+                b = _soft(tl.load(t_row + offs, mask=inside, other=neg_inf).to(ACC), inv_t, softcap, SOFTCAP)
                 shared = (a > neg_inf) & (b > neg_inf)
                 lq = tl.where(shared, (a - m_a) - logz_a, 0.0)
                 lp = tl.where(shared, (b - m_b) - logz_b, 0.0)
@@ -318,7 +357,7 @@ def _kd_loss_kernel(
             offs = start + cols
             inside = offs < V
             c = tl.load(s_row + offs, mask=inside, other=neg_inf).to(ACC)
-            a = c * inv_t
+            a = _soft(c, inv_t, softcap, SOFTCAP)
             q = tl.exp((a - m_a) - logz_a)
             if SEPARATE_CE:
                 grad_s = ce_weight * tl.exp((c - m_c) - logz_c)
@@ -327,7 +366,7 @@ def _kd_loss_kernel(
             grad_s = tl.where(offs == y, grad_s - ce_weight, grad_s)
             grad_t = tl.zeros((BLOCK,), ACC)
             if NEED_SOFT:
-                b = tl.load(t_row + offs, mask=inside, other=neg_inf).to(ACC) * inv_t
+                b = _soft(tl.load(t_row + offs, mask=inside, other=neg_inf).to(ACC), inv_t, softcap, SOFTCAP)
                 p = tl.exp((b - m_b) - logz_b)
                 shared = (a > neg_inf) & (b > neg_inf)
                 lq = tl.where(shared, (a - m_a) - logz_a, 0.0)
@@ -335,8 +374,10 @@ def _kd_loss_kernel(
                 v, ds, dt = _terms(lp, lq, p, q, mix_weight, mix_complement, log_mix_weight, log_mix_complement,
                                    ab_alpha, ab_beta, ab_inv_alpha, ab_inv_beta, ab_inv_sum, ab_offset_middle,
                                    ab_spread, ab_lowest, ab_middle, DIVERGENCE, TERMS)
-                grad_s += soft_scale * (tl.where(shared, ds, 0.0) - q * sum_d_student)
-                grad_t = soft_scale * (tl.where(shared, dt, 0.0) - p * sum_d_teacher)
+                grad_s += soft_scale * (tl.where(shared, ds, 0.0) - q * sum_d_student) * _softcap_slope(
+                    a, cap_scale, SOFTCAP)
+                grad_t = soft_scale * (tl.where(shared, dt, 0.0) - p * sum_d_teacher) * _softcap_slope(
+                    b, cap_scale, SOFTCAP)
             if STUDENT_GRAD:
                 tl.store(GS + row * V + offs, tl.where(live, grad_s, 0.0).to(GS.dtype.element_ty), mask=inside)
             if TEACHER_GRAD:
@@ -353,13 +394,14 @@ def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     return [c for c in configs if c.kwargs["BLOCK"] <= max(1024, named_args["v_bucket"])]
 
 
-_tuned_kernel = triton.autotune(configs=_CONFIGS, key=["v_bucket", "NEED_SOFT", "SEPARATE_CE", "STUDENT_GRAD",
+_tuned_kernel = triton.autotune(configs=_CONFIGS, key=["v_bucket", "NEED_SOFT", "SEPARATE_CE", "STUDENT_GRAD", "SOFTCAP",
                                                        "TEACHER_GRAD", "DIVERGENCE"],
                                 prune_configs_by={"early_config_prune": _prune_configs})(_kd_loss_kernel)
 
 
 def kd_loss_forward_triton(student: Tensor, teacher: Tensor, target: Optional[Tensor], row_weight: Optional[Tensor],
-                           temperature: float, soft_weight: float, hard_weight: float, divergence: int,
+                           temperature: float, softcap: float, soft_weight: float, hard_weight: float,
+                           divergence: int,
                            divergence_args: list[float],
                            ignore_index: int, student_grad: bool, teacher_grad: bool
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -376,13 +418,14 @@ def kd_loss_forward_triton(student: Tensor, teacher: Tensor, target: Optional[Te
     has_target = target is not None
     args = (student, teacher, target if has_target else status, row_weight if row_weight is not None else loss,
             loss, grad_student, grad_teacher, status, student.stride(0), teacher.stride(0), vocab,
-            triton.next_power_of_2(vocab), 1.0 / temperature, soft_weight, hard_weight, ignore_index,
+            triton.next_power_of_2(vocab), 1.0 / temperature, softcap or 1.0, temperature / softcap if softcap else 0.0,
+            soft_weight, hard_weight, ignore_index,
             *divergence_params(divergence, divergence_args, acc_dtype))
     flags = dict(HAS_TARGET=has_target, HAS_WEIGHT=row_weight is not None, NEED_SOFT=soft_weight != 0,
-                 SEPARATE_CE=has_target and hard_weight != 0 and temperature != 1.0,
+                 SEPARATE_CE=has_target and hard_weight != 0 and (temperature != 1.0 or softcap != 0),
                  STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad, DIVERGENCE=divergence,
                  SUMS_FROM_STATS=divergence in SUMS_FROM_STATS,
-                 TERMS=17 if acc_dtype == torch.float64 else 8,
+                 TERMS=17 if acc_dtype == torch.float64 else 8, SOFTCAP=softcap != 0,
                  ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32)
     if interpreting():
         block = min(max(triton.next_power_of_2(vocab), 16), 1024)

@@ -1,0 +1,61 @@
+"""The DKD custom op `kdkernels::dkd_loss_rows`: its kernels per backend, fake kernel and autograd
+(the gradient is written in the forward; backward only scales it)."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from kdkernels.ops import extension, saved_gradients
+from kdkernels.ops.kd_loss import raise_for_status
+
+Tensor = torch.Tensor
+
+
+def kernel(backend: str) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+    """The DKD forward kernel of a backend (csrc/dkd_loss.h contract)."""
+    if backend == "triton":
+        from kdkernels.triton.dkd_loss import dkd_loss_forward_triton
+
+        return dkd_loss_forward_triton
+    if backend == "cpu":
+        return extension.require().dkd_loss_forward_cpu
+    raise ValueError(f"dkd_loss has kernels for the 'cpu' and 'triton' backends, not {backend!r}")
+
+
+@torch.library.custom_op("kdkernels::dkd_loss_rows", mutates_args=())
+def dkd_loss_rows(student: Tensor, teacher: Tensor, target: Tensor, row_weight: Optional[Tensor], temperature: float,
+                  alpha: float, beta: float, ignore_index: int, student_grad: bool,
+                  backend: str) -> tuple[Tensor, Tensor]:
+    """Row losses ``row_weight * T^2 * (alpha * TCKD + beta * NCKD)`` of [N, V] logits (0 at rows
+    whose target is ignore_index) and their student gradients (empty [0, V] when not asked for)."""
+    loss, grad_student, status = kernel(backend)(student, teacher, target, row_weight, temperature, alpha, beta,
+                                                 ignore_index, student_grad)
+    raise_for_status(status, target, student.shape[1], ignore_index, "dkd_loss", "NaN or +-inf (finite logits expected)")
+    return loss, grad_student
+
+
+@dkd_loss_rows.register_fake
+def _(student, teacher, target, row_weight, temperature, alpha, beta, ignore_index, student_grad, backend):
+    rows, vocab = student.shape
+    acc_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    return student.new_empty(rows, dtype=acc_dtype), student.new_empty(rows if student_grad else 0, vocab)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_loss: Optional[Tensor], _grad_student_out):
+    if grad_loss is None:
+        return (None,) * 10
+    saved_gradients.check_first_order()
+    (grad_student,) = ctx.saved_tensors
+    grads = saved_gradients.scaled([grad_student if ctx.needs_input_grad[0] else None], grad_loss.unsqueeze(-1))
+    return (*grads,) + (None,) * 9
+
+
+dkd_loss_rows.register_autograd(_backward, setup_context=_setup_context)
