@@ -41,6 +41,7 @@ enum class Divergence : int {
   kSkewReverseKL = 4,
   kTVD = 5,
   kAlphaBeta = 6,
+  kAdaptiveKL = 7,
 };
 
 // The constants of the AB divergence (AlphaBeta below). Its three nodes x_q, m, x_p are
@@ -60,8 +61,10 @@ template <typename acc_t>
 struct DivergenceParams {
   // Mixture m = w * p + (1 - w) * q of JSD (w = beta) and skew KL (w = skew; 1 - skew for the
   // reverse): w and 1 - w, each flushed to 0 below the smallest normal, and their logs.
+  // AdaptiveKL: the weights of forward and reverse KL, set per row by the kernel.
   acc_t weight, complement, log_weight, log_complement;
   AlphaBetaParams<acc_t> ab;
+  acc_t head_mass;  // AdaptiveKL: mu, the teacher mass that bounds the head
 };
 
 // Per-entry terms, and the same three quantities summed over a row.
@@ -102,7 +105,7 @@ struct ForwardKL {  // KL(p || q)
     return {value, -p, value + p};
   }
   template <typename acc_t>
-  static KD_HD Terms<acc_t> row_sums(const SupportStats<acc_t>& s) {
+  static KD_HD Terms<acc_t> row_sums(const SupportStats<acc_t>& s, const DivergenceParams<acc_t>&) {
     const acc_t value = s.teacher_logratio + (s.lse_student - s.lse_teacher) * s.teacher_mass;
     return {value, -s.teacher_mass, value + s.teacher_mass};
   }
@@ -116,7 +119,7 @@ struct ReverseKL {  // KL(q || p)
     return {value, value + q, -q};
   }
   template <typename acc_t>
-  static KD_HD Terms<acc_t> row_sums(const SupportStats<acc_t>& s) {
+  static KD_HD Terms<acc_t> row_sums(const SupportStats<acc_t>& s, const DivergenceParams<acc_t>&) {
     const acc_t value = s.student_logratio + (s.lse_teacher - s.lse_student) * s.student_mass;
     return {value, value + s.student_mass, -s.student_mass};
   }
@@ -194,7 +197,7 @@ struct SkewReverseKL {
   static constexpr bool kSumsFromStats = false;
   template <typename Math, typename acc_t>
   static KD_HD Terms<acc_t> terms(acc_t lp, acc_t lq, acc_t p, acc_t q, const DivergenceParams<acc_t>& prm) {
-    const DivergenceParams<acc_t> swapped{prm.complement, prm.weight, prm.log_complement, prm.log_weight, 0, 0};
+    const DivergenceParams<acc_t> swapped{prm.complement, prm.weight, prm.log_complement, prm.log_weight, {}, 0};
     const Terms<acc_t> t = SkewKL::terms<Math>(lq, lp, q, p, swapped);
     return {t.value, t.d_teacher, t.d_student};
   }
@@ -248,6 +251,29 @@ struct AlphaBeta {
   }
 };
 
+// Adaptive KL (Wu et al., 2025): w * KL(p || q) + (1 - w) * KL(q || p), where the kernel sets
+// w = g_head / (g_head + g_tail) per row (treated as a constant, as the authors detach it) from
+// g = sum |p - q| over the head (the largest p whose cumulative mass is <= mu, ties together,
+// the top value always in) and over the tail; w = 1/2 where p == q everywhere.
+struct AdaptiveKL {
+  static constexpr bool kSumsFromStats = true;
+  template <typename Math, typename acc_t>
+  static KD_HD Terms<acc_t> terms(acc_t lp, acc_t lq, acc_t p, acc_t q, const DivergenceParams<acc_t>& prm) {
+    return mix(ForwardKL::terms<Math>(lp, lq, p, q, prm), ReverseKL::terms<Math>(lp, lq, p, q, prm), prm);
+  }
+  template <typename acc_t>
+  static KD_HD Terms<acc_t> row_sums(const SupportStats<acc_t>& s, const DivergenceParams<acc_t>& prm) {
+    return mix(ForwardKL::row_sums(s, prm), ReverseKL::row_sums(s, prm), prm);
+  }
+  template <typename acc_t>
+  static KD_HD Terms<acc_t> mix(const Terms<acc_t>& forward, const Terms<acc_t>& reverse,
+                                const DivergenceParams<acc_t>& prm) {
+    return {prm.weight * forward.value + prm.complement * reverse.value,
+            prm.weight * forward.d_student + prm.complement * reverse.d_student,
+            prm.weight * forward.d_teacher + prm.complement * reverse.d_teacher};
+  }
+};
+
 // Calls fn(Div{}) with the divergence type named by `divergence`; returns false if unknown.
 template <typename Fn>
 inline bool dispatch_divergence(Divergence divergence, Fn&& fn) {
@@ -259,6 +285,11 @@ inline bool dispatch_divergence(Divergence divergence, Fn&& fn) {
     case Divergence::kSkewReverseKL: fn(SkewReverseKL{}); return true;
     case Divergence::kTVD: fn(TVD{}); return true;
     case Divergence::kAlphaBeta: fn(AlphaBeta{}); return true;
+#if !defined(__CUDACC__)  // the CUDA kernel has no head search; Triton runs adaptive KL on the GPU
+    case Divergence::kAdaptiveKL: fn(AdaptiveKL{}); return true;
+#else
+    case Divergence::kAdaptiveKL: return false;
+#endif
   }
   return false;
 }
@@ -276,7 +307,8 @@ AlphaBetaParams<acc_t> make_alpha_beta_params(double alpha, double beta) {
 }
 
 // The constants of a divergence from its keyword arguments, in the order of kdkernels/ops/
-// kd_loss.py (DIVERGENCES): JSD (beta), skew KL and skew reverse KL (skew), AB (alpha, beta).
+// kd_loss.py (DIVERGENCES): JSD (beta), skew KL and skew reverse KL (skew), AB (alpha, beta),
+// adaptive KL (mu).
 // Computed in double on the host, so that log w is exact for any w.
 template <typename acc_t>
 DivergenceParams<acc_t> make_divergence_params(Divergence divergence, const std::vector<double>& args) {
@@ -294,7 +326,8 @@ DivergenceParams<acc_t> make_divergence_params(Divergence divergence, const std:
   complement = flush(complement);
   const bool ab = divergence == Divergence::kAlphaBeta;
   return {static_cast<acc_t>(weight), static_cast<acc_t>(complement), static_cast<acc_t>(std::log(weight)),
-          static_cast<acc_t>(std::log(complement)), make_alpha_beta_params<acc_t>(ab ? first : 0.0, ab ? second : 0.0)};
+          static_cast<acc_t>(std::log(complement)), make_alpha_beta_params<acc_t>(ab ? first : 0.0, ab ? second : 0.0),
+          static_cast<acc_t>(divergence == Divergence::kAdaptiveKL ? first : 0.0)};
 }
 
 }  // namespace kdkernels

@@ -33,7 +33,7 @@ LOSS_OPTIONS = dict(temperature=2.0, alpha=0.5)
 # The keywords each divergence is timed with (`--divergence`).
 DIVERGENCE_KEYWORDS: dict[str, dict[str, float]] = {
     "forward_kl": {}, "reverse_kl": {}, "jsd": {"beta": 0.5}, "skew_kl": {"skew": 0.1},
-    "skew_reverse_kl": {"skew": 0.1}, "tvd": {}, "ab": {"ab_alpha": 0.5, "ab_beta": 0.5},
+    "skew_reverse_kl": {"skew": 0.1}, "tvd": {}, "ab": {"ab_alpha": 0.5, "ab_beta": 0.5}, "akl": {"akl_mu": 0.5},
 }
 
 

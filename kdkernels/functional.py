@@ -92,7 +92,7 @@ def _check_number(name: str, value: object, low: float, high: float, *, open_low
 
 
 def _divergence_args(divergence: str, beta: float, skew: float, ab_alpha: Optional[float],
-                     ab_beta: Optional[float]) -> list[float]:
+                     ab_beta: Optional[float], akl_mu: float) -> list[float]:
     """The checked values of the divergence's keywords, in its kernel order (DIVERGENCES)."""
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {sorted(DIVERGENCES)}, got {divergence!r}")
@@ -101,6 +101,7 @@ def _divergence_args(divergence: str, beta: float, skew: float, ab_alpha: Option
         "skew": lambda: _check_number("skew", skew, 0.0, 1.0, open_high=True),
         "ab_alpha": lambda: _check_ab("ab_alpha", ab_alpha),
         "ab_beta": lambda: _check_ab("ab_beta", ab_beta),
+        "akl_mu": lambda: _check_number("akl_mu", akl_mu, 0.0, 1.0, open_low=True, open_high=True),
     }
     return [checks[keyword]() for keyword in DIVERGENCES[divergence].keywords]
 
@@ -129,6 +130,16 @@ def _check_options(temperature: float, alpha: float, reduction: str,
     return temperature, alpha
 
 
+# The keywords that kd_loss and fused_linear_kd_loss share with reference.kd_loss.
+_KD_KEYWORDS = ("temperature", "alpha", "divergence", "beta", "skew", "ab_alpha", "ab_beta", "akl_mu", "reduction",
+                "ignore_index", "scale_by_temperature", "num_items", "logit_scale", "softcap")
+
+
+def _kd_keywords(arguments: dict) -> dict:
+    """The KD keywords among a function's arguments (its locals())."""
+    return {name: arguments[name] for name in _KD_KEYWORDS}
+
+
 @dataclasses.dataclass(frozen=True)
 class _SoftOptions:
     """The checked keywords of a KD loss, as the kernels take them."""
@@ -137,31 +148,36 @@ class _SoftOptions:
     softcap: float  # 0: off; the kernels apply it to logit_scale * z
     soft_weight: float
     hard_weight: float
+    divergence: str
     divergence_args: list[float]
     reduction: str
     num_items: Optional[Union[int, Tensor]]
     ignore_index: int
 
     @classmethod
-    def checked(cls, temperature: float, alpha: float, divergence: str, beta: float, skew: float,
-                ab_alpha: Optional[float], ab_beta: Optional[float], reduction: str,
-                num_items: Optional[Union[int, Tensor]], logit_scale: float, softcap: Optional[float],
-                has_target: bool, scale_by_temperature: bool, ignore_index: int) -> "_SoftOptions":
-        temperature, alpha = _check_options(temperature, alpha, reduction, num_items)
-        logit_scale = _check_number("logit_scale", logit_scale, 0.0, math.inf, open_low=True, open_high=True)
-        divergence_args = _divergence_args(divergence, beta, skew, ab_alpha, ab_beta)
+    def checked(cls, keywords: dict, has_target: bool) -> "_SoftOptions":
+        """From the KD keywords of kd_loss (as reference.kd_loss takes them)."""
+        temperature, alpha = _check_options(keywords["temperature"], keywords["alpha"], keywords["reduction"],
+                                            keywords["num_items"])
+        logit_scale = _check_number("logit_scale", keywords["logit_scale"], 0.0, math.inf, open_low=True,
+                                    open_high=True)
+        divergence = keywords["divergence"]
+        divergence_args = _divergence_args(divergence, keywords["beta"], keywords["skew"], keywords["ab_alpha"],
+                                           keywords["ab_beta"], keywords["akl_mu"])
+        softcap = keywords["softcap"]
         if softcap is not None:
             softcap = _check_number("softcap", softcap, 0.0, math.inf, open_low=True, open_high=True)
-        soft_scale = temperature**2 if scale_by_temperature else 1.0
+        soft_scale = temperature**2 if keywords["scale_by_temperature"] else 1.0
         # softcap(c z) = c * softcap'(z) with softcap' = softcap / c: the kernels see z at T / c.
         return cls(temperature / logit_scale, softcap / logit_scale if softcap else 0.0,
-                   soft_scale * (alpha if has_target else 1.0),
-                   1.0 - alpha if has_target else 0.0, divergence_args, reduction, num_items, int(ignore_index))
+                   soft_scale * (alpha if has_target else 1.0), 1.0 - alpha if has_target else 0.0, divergence,
+                   divergence_args, keywords["reduction"], keywords["num_items"], int(keywords["ignore_index"]))
 
     @property
     def backends(self) -> tuple[str, ...]:
-        """The backends with kernels for these options (the CUDA kernel has no softcap)."""
-        return ("cpu", "triton", "reference") if self.softcap else BACKENDS
+        """The backends with kernels for these options (the CUDA kernel has neither softcap nor
+        adaptive KL)."""
+        return ("cpu", "triton", "reference") if self.softcap or self.divergence == "akl" else BACKENDS
 
     def row_weight(self, rows_target: Optional[Tensor], rows: Tensor) -> Optional[Tensor]:
         """The weight of every row for the reduction (None unless batchmean)."""
@@ -197,6 +213,7 @@ def kd_loss(
     skew: float = 0.1,
     ab_alpha: Optional[float] = None,
     ab_beta: Optional[float] = None,
+    akl_mu: float = 0.5,
     reduction: str = "batchmean",
     ignore_index: int = -100,
     scale_by_temperature: bool = True,
@@ -219,7 +236,14 @@ def kd_loss(
       skew = 0 gives forward / reverse KL); ``"tvd"`` sum |P_t - P_s| / 2 (subgradient 0 where
       equal); ``"ab"`` the alpha-beta divergence of ABKD with ``ab_alpha``, ``ab_beta`` (both
       required): -1/(a b) sum [P_t^a P_s^b - a/(a+b) P_t^(a+b) - b/(a+b) P_s^(a+b)] and its
-      continuous limits where a, b or a + b is 0 ((1, 0) is forward KL, (0, 1) reverse KL).
+      continuous limits where a, b or a + b is 0 ((1, 0) is forward KL, (0, 1) reverse KL);
+      ``"akl"`` adaptive KL (Wu et al., 2025) with ``0 < akl_mu < 1``: w KL(P_t || P_s) +
+      (1 - w) KL(P_s || P_t), w = g_head / (g_head + g_tail) per row (no gradient through w), g
+      the sums of |P_t - P_s| over the head (the largest P_t whose cumulative sum is <= akl_mu;
+      equal teacher logits count together, so a tie group that would pass akl_mu is tail; the
+      top value is always head) and over the tail; w = 1/2 where P_t = P_s. The head is found
+      without sorting, by a search over teacher values that reads the teacher row 2-3 more times
+      (cpu and triton backends).
       Each sums over the entries finite in both inputs.
     - ``logit_scale=c`` (> 0): the soft term sees ``c * logits`` of both inputs (Cohere-style heads);
       ``T`` still scales the soft term by ``T^2``; the CE term reads the raw logits.
@@ -239,19 +263,15 @@ def kd_loss(
     The loss is returned in fp32 (fp64 for fp64 inputs). ``backend``: "auto" or one of
     :func:`kdkernels.available_backends`.
     """
+    keywords = _kd_keywords(locals())
     vocab = _check_logits(student_logits, teacher_logits, shared_vocab)
     student_logits, teacher_logits = student_logits[..., :vocab], teacher_logits[..., :vocab]
     if target is not None:
         _check_target(target, student_logits)
-    options = _SoftOptions.checked(temperature, alpha, divergence, beta, skew, ab_alpha, ab_beta, reduction, num_items,
-                                   logit_scale, softcap, target is not None, scale_by_temperature, ignore_index)
+    options = _SoftOptions.checked(keywords, target is not None)
     backend = resolve_backend(backend, student_logits.device, options.backends)
     if backend == "reference":
-        return reference.kd_loss(
-            student_logits, teacher_logits, target, temperature=temperature, alpha=alpha,
-            divergence=divergence, beta=beta, skew=skew, ab_alpha=ab_alpha, ab_beta=ab_beta, reduction=reduction,
-            ignore_index=ignore_index, scale_by_temperature=scale_by_temperature, num_items=num_items,
-            logit_scale=logit_scale, softcap=softcap)
+        return reference.kd_loss(student_logits, teacher_logits, target, **keywords)
 
     lead_shape = student_logits.shape[:-1]
     student = student_logits.reshape(-1, vocab)
@@ -290,6 +310,7 @@ def fused_linear_kd_loss(
     skew: float = 0.1,
     ab_alpha: Optional[float] = None,
     ab_beta: Optional[float] = None,
+    akl_mu: float = 0.5,
     reduction: str = "batchmean",
     ignore_index: int = -100,
     scale_by_temperature: bool = True,
@@ -339,8 +360,8 @@ def fused_linear_kd_loss(
                          "rows); use kd_loss on the logits for per-row losses")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
-    options = _SoftOptions.checked(temperature, alpha, divergence, beta, skew, ab_alpha, ab_beta, reduction, num_items,
-                                   logit_scale, softcap, target is not None, scale_by_temperature, ignore_index)
+    keywords = _kd_keywords(locals())
+    options = _SoftOptions.checked(keywords, target is not None)
     backend = resolve_backend(backend, student_hidden.device, options.backends)
     student_weight, teacher_weight = student_weight[:vocab], teacher_weight[:vocab]
     student_bias = None if student_bias is None else student_bias[:vocab]
@@ -348,10 +369,7 @@ def fused_linear_kd_loss(
     if backend == "reference":
         return reference.kd_loss(
             torch.nn.functional.linear(student_hidden, student_weight, student_bias),
-            torch.nn.functional.linear(teacher_hidden, teacher_weight, teacher_bias), target, temperature=temperature,
-            alpha=alpha, divergence=divergence, beta=beta, skew=skew, ab_alpha=ab_alpha, ab_beta=ab_beta,
-            reduction=reduction, ignore_index=ignore_index, scale_by_temperature=scale_by_temperature,
-            num_items=num_items, logit_scale=logit_scale, softcap=softcap)
+            torch.nn.functional.linear(teacher_hidden, teacher_weight, teacher_bias), target, **keywords)
 
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
     h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])

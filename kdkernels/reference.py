@@ -35,11 +35,30 @@ def _alpha_beta_terms(p: Tensor, q: Tensor, log_p: Tensor, log_q: Tensor, a: flo
     return 0.5 * (log_p - log_q) ** 2
 
 
+@torch.no_grad()
+def _adaptive_kl_weights(log_p: Tensor, log_q: Tensor, shared: Tensor, mu: float) -> tuple[Tensor, Tensor]:
+    """Adaptive KL's detached per-row weights of forward and reverse KL, as its authors compute
+    them: sort the teacher's probabilities, the head is where their cumulative sum is <= mu (the
+    top entry always), g = sum |p - q| over head and tail. Equal teacher values count together:
+    each takes the cumulative sum at the end of its tie group."""
+    sorted_log_p, order = log_p.sort(-1, descending=True)
+    cumulative = sorted_log_p.exp().cumsum(-1)
+    group_end = torch.searchsorted(-sorted_log_p, -sorted_log_p, right=True) - 1
+    head_sorted = (cumulative.gather(-1, group_end) <= mu) | (sorted_log_p == sorted_log_p[..., :1])
+    head = torch.empty_like(head_sorted).scatter_(-1, order, head_sorted)
+    error = torch.where(shared, (log_p.exp() - log_q.exp()).abs(), 0.0)
+    g_head, g_tail = (error * head).sum(-1, keepdim=True), (error * ~head).sum(-1, keepdim=True)
+    total = g_head + g_tail
+    return (torch.where(total > 0, g_head / total, 0.5), torch.where(total > 0, g_tail / total, 0.5))
+
+
 def _divergence_rows(log_p: Tensor, log_q: Tensor, divergence: str, beta: float, skew: float,
-                     ab_alpha: Optional[float], ab_beta: Optional[float]) -> Tensor:
+                     ab_alpha: Optional[float], ab_beta: Optional[float], akl_mu: float) -> Tensor:
     """Row divergence between p = exp(log_p) (teacher) and q = exp(log_q) (student), summed
     over entries finite in both (the other entries contribute 0)."""
     shared = torch.isfinite(log_p) & torch.isfinite(log_q)
+    if divergence == "akl":
+        forward_weight, reverse_weight = _adaptive_kl_weights(log_p, log_q, shared, akl_mu)
     # Masked entries get harmless stand-ins so that no inf reaches a product or its gradient.
     log_p = torch.where(shared, log_p, torch.zeros_like(log_p))
     log_q = torch.where(shared, log_q, torch.zeros_like(log_q))
@@ -59,6 +78,8 @@ def _divergence_rows(log_p: Tensor, log_q: Tensor, divergence: str, beta: float,
         terms = 0.5 * (p - q).abs()
     elif divergence == "ab":
         terms = _alpha_beta_terms(p, q, log_p, log_q, ab_alpha, ab_beta)
+    elif divergence == "akl":
+        terms = forward_weight * p * (log_p - log_q) + reverse_weight * q * (log_q - log_p)
     else:
         raise ValueError(f"unknown divergence {divergence!r}")
     return torch.where(shared, terms, torch.zeros_like(terms)).sum(-1)
@@ -76,6 +97,7 @@ def kd_loss(
     skew: float = 0.1,
     ab_alpha: Optional[float] = None,
     ab_beta: Optional[float] = None,
+    akl_mu: float = 0.5,
     reduction: str = "batchmean",
     ignore_index: int = -100,
     scale_by_temperature: bool = True,
@@ -96,7 +118,7 @@ def kd_loss(
         soft_t = torch.where(soft_t == -math.inf, soft_t, softcap * torch.tanh(soft_t / softcap))
     log_q = F.log_softmax(soft_s / temperature, dim=-1)
     log_p = F.log_softmax(soft_t / temperature, dim=-1)
-    soft = _divergence_rows(log_p, log_q, divergence, beta, skew, ab_alpha, ab_beta)
+    soft = _divergence_rows(log_p, log_q, divergence, beta, skew, ab_alpha, ab_beta, akl_mu)
     if scale_by_temperature:
         soft = soft * temperature**2
     if target is None:
@@ -150,3 +172,31 @@ def dkd_loss(
     nckd = torch.where(is_target, 0.0, log_p_hat.exp() * (log_p_hat - log_q_hat)).sum(-1)
     rows = torch.where(counted, temperature**2 * (alpha * tckd + beta * nckd), 0.0)
     return rows.sum() / counted.sum().clamp_min(1)
+
+
+def _pearson(a: Tensor, b: Tensor, eps: float) -> Tensor:
+    """Pearson correlation of the rows of a and b, as torchdistill's DISTLoss computes it:
+    cosine of the centred rows, with eps added to the product of the norms."""
+    a = a - a.mean(-1, keepdim=True)
+    b = b - b.mean(-1, keepdim=True)
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + eps)
+
+
+def dist_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    temperature: float = 1.0,
+    eps: float = 1e-8,
+) -> Tensor:
+    """DIST (Huang et al., NeurIPS 2022): with y = softmax(z / T) of [N, C] logits,
+    ``T^2 * (beta * (1 - mean_i pearson(y_s[i], y_t[i])) + gamma * (1 - mean_j pearson(y_s[:, j], y_t[:, j])))``;
+    see :func:`kdkernels.dist_loss`."""
+    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    y_s = torch.softmax(student_logits.to(dtype) / temperature, dim=-1)
+    y_t = torch.softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    inter = 1 - _pearson(y_s, y_t, eps).mean()
+    intra = 1 - _pearson(y_s.T, y_t.T, eps).mean()
+    return temperature**2 * (beta * inter + gamma * intra)

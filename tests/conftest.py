@@ -19,6 +19,7 @@ DIVERGENCE_CASES = {
     "skew_reverse_kl": {"skew": 0.2},
     "tvd": {},
     "ab": {"ab_alpha": 0.6, "ab_beta": 0.3},
+    "akl": {"akl_mu": 0.5},
 }
 
 # Gradient tolerance per dtype, relative to the largest reference gradient; losses are always

@@ -1,4 +1,4 @@
-"""The divergences beyond KL and JSD (skew KL, skew reverse KL, TVD, alpha-beta) on the CPU kernel:
+"""The divergences beyond KL and JSD (skew KL, skew reverse KL, TVD, alpha-beta, adaptive KL) on the CPU kernel:
 against their papers' formulas written here in fp64 (not the library's reference), their
 identities and limits, the reference matrix, and bad input."""
 
@@ -40,6 +40,18 @@ def _alpha_beta(p: Tensor, q: Tensor, a: float, b: float) -> Tensor:
     return terms.sum(-1)
 
 
+def _adaptive_kl(p: Tensor, q: Tensor, mu: float) -> Tensor:
+    """AKL as its authors' code computes it: sort p, the head is where the cumulative sum is <= mu
+    (the first entry always), g = sum |p - q| over head and tail, weights detached."""
+    sorted_p, order = p.sort(-1, descending=True)
+    error = (sorted_p - q.gather(-1, order)).abs()
+    head = sorted_p.cumsum(-1) <= mu
+    head[..., 0] = True
+    g_head, g_tail = (error * head).sum(-1).detach(), (error * ~head).sum(-1).detach()
+    forward, reverse = (p * torch.log(p / q)).sum(-1), (q * torch.log(q / p)).sum(-1)
+    return (g_head * forward + g_tail * reverse) / (g_head + g_tail)
+
+
 PAPER_FORMULAS = {
     ("skew_kl", 0.1): lambda p, q: _skew_kl(p, q, 0.1),
     ("skew_kl", 0.5): lambda p, q: _skew_kl(p, q, 0.5),
@@ -53,6 +65,10 @@ PAPER_FORMULAS = {
     ("ab", (0.0, 0.4)): lambda p, q: _alpha_beta(p, q, 0.0, 0.4),
     ("ab", (0.8, -0.8)): lambda p, q: _alpha_beta(p, q, 0.8, -0.8),
     ("ab", (0.0, 0.0)): lambda p, q: _alpha_beta(p, q, 0.0, 0.0),
+    ("akl", 0.5): lambda p, q: _adaptive_kl(p, q, 0.5),
+    ("akl", 0.2): lambda p, q: _adaptive_kl(p, q, 0.2),
+    ("akl", 1e-6): lambda p, q: _adaptive_kl(p, q, 1e-6),  # mu -> 0: the head is the top entry
+    ("akl", 0.999): lambda p, q: _adaptive_kl(p, q, 0.999),  # mu -> 1: the tail is the smallest entries
 }
 
 
@@ -61,6 +77,8 @@ def _keywords(divergence: str, setting) -> dict:
         return {"skew": setting}
     if divergence == "ab":
         return {"ab_alpha": setting[0], "ab_beta": setting[1]}
+    if divergence == "akl":
+        return {"akl_mu": setting}
     return {}
 
 
@@ -74,6 +92,9 @@ def _case_id(case) -> str:
 def test_paper_formula(case, dtype):
     """Values and both gradients of T^2 * D(softmax(t / T), softmax(s / T)) per row."""
     divergence, setting = case
+    if divergence == "akl" and dtype == torch.bfloat16:
+        pytest.skip("bf16 teacher logits repeat, and at ties a sort's arbitrary order is not AKL's tie rule "
+                    "(test_adaptive_kl_ties_count_together; the reference matrix covers bf16)")
     temperature = 2.0
     s = make_logits((5,), 300, dtype, seed=11)
     t = make_logits((5,), 300, dtype, seed=12)
@@ -152,7 +173,42 @@ def test_tvd_of_identical_distributions_has_zero_gradient():
     assert torch.all(grad_s == 0) and torch.all(grad_t == 0)
 
 
-@pytest.mark.parametrize("divergence", ["skew_kl", "skew_reverse_kl", "tvd", "ab"])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_adaptive_kl_ties_count_together(backend):
+    """Equal teacher logits whose group would pass mu are all tail; the top value is always head.
+    Row 0: p = [a, b, b, c, ...] with a < mu < a + 2b: head {0}. Row 1: a flat teacher is all one tie
+    group at the top, so it is all head and AKL equals forward KL."""
+    teacher = torch.tensor([[3.0, 1.0, 1.0, -1.0, -2.0, -3.0], [0.5] * 6], dtype=torch.float64)
+    student = make_logits((2,), 6, torch.float64, seed=30)
+    p, q = torch.softmax(teacher, -1), torch.softmax(student.detach(), -1)
+    mu = p[0, 0].item() + 0.5 * p[0, 1].item()  # the pair at index 1, 2 straddles mu
+    loss = kdk.kd_loss(student, teacher, divergence="akl", akl_mu=mu, reduction="none", backend=backend)
+    error = (p - q).abs()
+    g_head = error[0, 0]
+    w = g_head / error[0].sum()
+    forward, reverse = (p * (p / q).log()).sum(-1), (q * (q / p).log()).sum(-1)
+    expected = torch.stack([w * forward[0] + (1 - w) * reverse[0], forward[1]])
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", ["peaked", "offset_logits", "wide"])
+def test_adaptive_kl_head_search_on_hard_rows(shape):
+    """The head search on rows that stress it: one logit far above the rest (the head is the top
+    alone), logits near 1e5 (the first bucket range widens) and 32001 entries with duplicates."""
+    t = make_logits((3,), 32001 if shape == "wide" else 400, torch.float32, seed=31, requires_grad=False)
+    if shape == "peaked":
+        t[:, 7] = 60.0
+    elif shape == "offset_logits":
+        t = t + 1e5  # logits so large that the first bucket range widens
+    else:
+        t = t.round()  # many ties
+    s = make_logits(tuple(t.shape[:-1]), t.shape[-1], torch.float32, seed=32)
+    t.requires_grad_(True)
+    for mu in (0.1, 0.5, 0.9):
+        assert_matches_reference(s, t, None, backend="cpu", divergence="akl", akl_mu=mu, temperature=2.0)
+
+
+@pytest.mark.parametrize("divergence", ["skew_kl", "skew_reverse_kl", "tvd", "ab", "akl"])
 def test_all_ignored_batch_gives_zero(divergence):
     s = make_logits((4,), 33, torch.float32, seed=18)
     t = make_logits((4,), 33, torch.float32, seed=19)
@@ -165,7 +221,7 @@ def test_all_ignored_batch_gives_zero(divergence):
 
 MATRIX_CASES = [("skew_kl", {"skew": 0.1}), ("skew_reverse_kl", {"skew": 0.3}), ("tvd", {}),
                 ("ab", {"ab_alpha": 0.5, "ab_beta": 0.3}), ("ab", {"ab_alpha": -0.3, "ab_beta": 1.2}),
-                ("ab", {"ab_alpha": 0.2, "ab_beta": -0.2})]
+                ("ab", {"ab_alpha": 0.2, "ab_beta": -0.2}), ("akl", {"akl_mu": 0.5})]
 
 
 @pytest.mark.parametrize("vocab", [1, 7, 1000, 32001])
@@ -188,6 +244,9 @@ def test_matches_reference(divergence, keywords, temperature, target_mode, dtype
     ({"divergence": "ab", "ab_beta": 0.5}, "ab_alpha"),
     ({"divergence": "ab", "ab_alpha": 0.5}, "ab_beta"),
     ({"divergence": "ab", "ab_alpha": float("inf"), "ab_beta": 0.5}, "ab_alpha"),
+    ({"divergence": "akl", "akl_mu": 0.0}, "akl_mu"),
+    ({"divergence": "akl", "akl_mu": 1.0}, "akl_mu"),
+    ({"divergence": "akl", "akl_mu": float("nan")}, "akl_mu"),
 ])
 def test_bad_keywords_are_clear_errors(keywords, match):
     s = make_logits((2,), 5, torch.float32, seed=20)

@@ -59,7 +59,9 @@ def test_independent_gradient_forward_kl():
     torch.testing.assert_close(s.grad, temperature * (q - p))
 
 
-@pytest.mark.parametrize("divergence", DIVERGENCES)
+# Adaptive KL's weights are detached (as its authors do), so its gradient is not the derivative
+# of its value; test_divergence_family checks it against that formula instead.
+@pytest.mark.parametrize("divergence", [name for name in DIVERGENCES if name != "akl"])
 @pytest.mark.parametrize("with_target", [False, True])
 def test_gradcheck_fp64(divergence, with_target):
     s = make_logits((4,), 9, torch.float64, seed=5)

@@ -36,13 +36,30 @@ def test_triton_matches_reference(divergence, reduction, dtype, target_mode, voc
 @pytest.mark.parametrize("vocab", [1, 7, 1500])
 @pytest.mark.parametrize("target_mode", ["none", "ignored"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("divergence", ["skew_kl", "skew_reverse_kl", "tvd", "ab"])
+@pytest.mark.parametrize("divergence", ["skew_kl", "skew_reverse_kl", "tvd", "ab", "akl"])
 def test_triton_divergence_family(divergence, dtype, target_mode, vocab):
     student = make_logits((2, 3), vocab, dtype, seed=1, device=DEVICE)
     teacher = make_logits((2, 3), vocab, dtype, seed=2, device=DEVICE)
     target = None if target_mode == "none" else make_target((2, 3), vocab, ignored=True, device=DEVICE)
     assert_matches_reference(student, teacher, target, backend="triton", divergence=divergence, temperature=4.0,
                              alpha=0.3, **DIVERGENCE_CASES[divergence])
+
+
+@pytest.mark.parametrize("shape", ["ties", "peaked", "offset_logits"])
+@pytest.mark.parametrize("mu", [1e-6, 0.3, 0.999])
+def test_triton_adaptive_kl_head_search(shape, mu):
+    """The Triton head search (few buckets, more passes than the C++ one) on rows with tie
+    groups, one dominant logit and logits near 1e5."""
+    t = make_logits((3,), 3000, torch.float32, seed=5, requires_grad=False, device=DEVICE)
+    if shape == "ties":
+        t = t.round()
+    elif shape == "peaked":
+        t[:, 11] = 60.0
+    else:
+        t = t + 1e5  # logits so large that the first bucket range widens
+    s = make_logits((3,), 3000, torch.float32, seed=6, device=DEVICE)
+    assert_matches_reference(s, t.requires_grad_(True), None, backend="triton", divergence="akl", akl_mu=mu,
+                             temperature=1.5)
 
 
 @pytest.mark.parametrize("divergence", list(DIVERGENCE_CASES))

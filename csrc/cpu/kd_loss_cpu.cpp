@@ -2,7 +2,9 @@
 // in chunks small enough for L1, converted to the accumulation type once per read.
 //   read 1: online (max, sum) statistics of student/T, teacher/T and, for the CE term at
 //           T != 1, student; for kSumsFromStats divergences also the support sums.
-//   read 2: only for divergences without kSumsFromStats: row sums of the divergence terms.
+//   read 2: only for divergences without kSumsFromStats: row sums of the divergence terms;
+//           for adaptive KL, the head search (set_adaptive_weights: a read of both rows and
+//           one or two of the teacher) that weights its two KL terms.
 //   read 3: the gradients (skipped when no gradient is wanted).
 // The inner loops are plain element loops that the compiler vectorises (omp simd); the
 // kernel is cloned per x86 ISA level and picked at load time.
@@ -20,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 namespace kdkernels {
 namespace {
@@ -114,6 +117,134 @@ KD_INLINE void finish_without_loss(const RowArgs<scalar_t, acc_t>& args, int64_t
   if (args.grad_teacher) std::fill_n(args.grad_teacher + row * args.vocab, args.vocab, scalar_t(0));
 }
 
+constexpr int kHeadBuckets = 2048;
+constexpr double kHeadSearchRange = 40;  // the first pass buckets [max - 40, max]; below is one bucket
+
+// Teacher mass and |p - q| (over entries finite in both) of the candidates of one head-search
+// pass, by bucket of the teacher value b; from the second pass on, also each bucket's min and max b.
+template <typename acc_t>
+struct HeadBuckets {
+  acc_t mass[kHeadBuckets], error[kHeadBuckets], low[kHeadBuckets], high[kHeadBuckets];
+
+  void clear() {
+    std::fill_n(mass, kHeadBuckets, acc_t(0));
+    std::fill_n(error, kHeadBuckets, acc_t(0));
+    std::fill_n(low, kHeadBuckets, std::numeric_limits<acc_t>::infinity());
+    std::fill_n(high, kHeadBuckets, -std::numeric_limits<acc_t>::infinity());
+  }
+  // The bucket where the teacher mass from the top bucket down passes mu (-1 if none), adding
+  // the mass above it to `above` and the errors above and below it to head and tail.
+  int crossing(acc_t mu, acc_t& above, acc_t& head, acc_t& tail) const {
+    int k = kHeadBuckets - 1;
+    for (; k >= 0 && !(above + mass[k] > mu); --k) {
+      above += mass[k];
+      head += error[k];
+    }
+    for (int j = 0; j < k; ++j) tail += error[j];
+    return k;
+  }
+};
+
+template <typename acc_t>
+KD_INLINE int32_t head_bucket(acc_t b, acc_t map_lo, acc_t span) {
+  return static_cast<int32_t>(std::min(std::max((b - map_lo) / span * kHeadBuckets, acc_t(0)),
+                                       acc_t(kHeadBuckets - 1)));
+}
+
+// Adaptive KL's per-row weights g_head / (g_head + g_tail) and g_tail / (g_head + g_tail), with
+// g = sum |p - q| over the head (the largest teacher values whose cumulative probability is
+// <= mu, a tie group that would pass mu is tail, the top value always head) and the tail; 1/2
+// each where p == q everywhere. The head is found without sorting: each pass buckets the
+// candidate teacher values by value, with the mass and the error of each bucket; the bucket
+// where the cumulative mass from the top passes mu holds the cut, and its values are the next
+// pass's candidates, until they are one value. Buckets are monotone in b, so a pass keeps
+// exactly one bucket's entries. Pass 1 reads both rows (every p, q); pass 2 keeps the entries of
+// pass 1's bucket (same mapping), later passes those within [min, max] of the previous bucket,
+// and compute p and q for their few candidates only. The first range is 40 wide (all the mass
+// of a row lies within 40 of its max at any V below 2^40): the cut is found in 2 or 3 passes.
+template <typename scalar_t, typename acc_t>
+KD_INLINE void set_adaptive_weights(const RowArgs<scalar_t, acc_t>& args, const scalar_t* student, const scalar_t* teacher,
+                          const LogNormaliser<acc_t>& norm_a, const LogNormaliser<acc_t>& norm_b,
+                          DivergenceParams<acc_t>& params, acc_t* a, acc_t* b, acc_t* c) {
+  using Math = MathFor<acc_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t mu = args.params.head_mass, top = norm_b.max;
+  HeadBuckets<acc_t> buckets;
+  int32_t bucket[kChunk];
+  const auto error_of = [&](acc_t x, acc_t y) {  // |p - q| of student value x and teacher value y
+    const acc_t gap = Math::exp(norm_b.log_prob(y)) - Math::exp(norm_a.log_prob(x));
+    return (x > kNegInf) & (y > kNegInf) ? (gap < 0 ? -gap : gap) : acc_t(0);
+  };
+
+  // Pass 1: every finite teacher value, over [first_lo, top] (a logit range wider than 40 where
+  // 40 is below the spacing of the values).
+  const acc_t first_lo = top - std::max(acc_t(kHeadSearchRange), std::abs(top) * acc_t(1e-3));
+  const acc_t first_span = top - first_lo;
+  buckets.clear();
+  for (int64_t j0 = 0; j0 < args.vocab; j0 += kChunk) {
+    const int64_t n = std::min(kChunk, args.vocab - j0);
+    load_soft(args, student + j0, n, a);
+    load_soft(args, teacher + j0, n, b);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      c[i] = error_of(a[i], b[i]);
+      a[i] = Math::exp(norm_b.log_prob(b[i]));
+      bucket[i] = b[i] > kNegInf ? head_bucket(b[i], first_lo, first_span) : -1;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t k = bucket[i];
+      if (k < 0) continue;
+      buckets.mass[k] += a[i];
+      buckets.error[k] += c[i];
+    }
+  }
+  acc_t above = 0, g_head = 0, g_tail = 0;
+  const int first = buckets.crossing(mu, above, g_head, g_tail);
+  if (first < 0) {  // every finite entry fits (possible only through rounding)
+    for (int k = 0; k < kHeadBuckets; ++k) g_head += buckets.error[k];
+  }
+  // Later passes: the candidates, and the range their buckets split.
+  acc_t lo = 0, hi = 0, map_lo = first_lo + first_span * first / kHeadBuckets, span = first_span / kHeadBuckets;
+  for (int pass = 2; first >= 0; ++pass) {
+    buckets.clear();
+    for (int64_t j0 = 0; j0 < args.vocab; j0 += kChunk) {
+      const int64_t n = std::min(kChunk, args.vocab - j0);
+      load_soft(args, teacher + j0, n, b);
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        const bool candidate = pass == 2 ? (b[i] > kNegInf) & (head_bucket(b[i], first_lo, first_span) == first)
+                                         : (b[i] >= lo) & (b[i] <= hi);
+        bucket[i] = candidate ? head_bucket(b[i], map_lo, span) : -1;
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const int32_t k = bucket[i];
+        if (k < 0) continue;
+        acc_t x;
+        load_soft(args, student + j0 + i, 1, &x);
+        buckets.mass[k] += Math::exp(norm_b.log_prob(b[i]));
+        buckets.error[k] += error_of(x, b[i]);
+        buckets.low[k] = std::min(buckets.low[k], b[i]);
+        buckets.high[k] = std::max(buckets.high[k], b[i]);
+      }
+    }
+    const int k = buckets.crossing(mu, above, g_head, g_tail);
+    if (k < 0) {  // every candidate fits
+      for (int j = 0; j < kHeadBuckets; ++j) g_head += buckets.error[j];
+      break;
+    }
+    if (buckets.low[k] == buckets.high[k]) {  // one value: a tie group, head only if it is the top
+      (buckets.low[k] == top ? g_head : g_tail) += buckets.error[k];
+      break;
+    }
+    lo = map_lo = buckets.low[k];
+    hi = buckets.high[k];
+    span = hi - lo;
+  }
+  const acc_t total = g_head + g_tail;
+  params.weight = total > 0 ? g_head / total : acc_t(0.5);
+  params.complement = total > 0 ? g_tail / total : acc_t(0.5);
+}
+
 template <typename acc_t>
 struct GradientScales {
   LogNormaliser<acc_t> norm_a, norm_b, norm_c;
@@ -126,8 +257,8 @@ struct GradientScales {
 // of the divergence terms, plus the CE term softmax(student) - onehot(y) (from student/T when
 // T = 1, else from the raw student logits in c: kSeparateCE). a and b return the gradients.
 template <typename Div, bool kSoft, bool kSeparateCE, typename scalar_t, typename acc_t>
-KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, int64_t y,
-                            const GradientScales<acc_t>& g, acc_t* a, acc_t* b, acc_t* c) {
+KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, const DivergenceParams<acc_t>& params, int64_t row,
+                            int64_t y, const GradientScales<acc_t>& g, acc_t* a, acc_t* b, acc_t* c) {
   using Math = MathFor<acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const int64_t vocab = args.vocab;
@@ -148,7 +279,7 @@ KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, i
         const bool shared = (a[i] > kNegInf) & (b[i] > kNegInf);
         const acc_t lq = shared ? g.norm_a.log_prob(a[i]) : acc_t(0);
         const acc_t lp = shared ? g.norm_b.log_prob(b[i]) : acc_t(0);
-        const Terms<acc_t> t = Div::template terms<Math>(lp, lq, p, q, args.params);
+        const Terms<acc_t> t = Div::template terms<Math>(lp, lq, p, q, params);
         grad_s += g.soft_scale * ((shared ? t.d_student : acc_t(0)) - q * g.sum_d_student) *
                   softcap_slope(a[i], args.cap_scale);
         grad_t = g.soft_scale * ((shared ? t.d_teacher : acc_t(0)) - p * g.sum_d_teacher) *
@@ -221,13 +352,18 @@ KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, ac
   }
 
   // Row sums of the divergence terms: from the statistics, or read 2.
+  DivergenceParams<acc_t> params = args.params;
+  if constexpr (std::is_same_v<Div, AdaptiveKL>) {
+    if (need_soft) set_adaptive_weights(args, student, teacher, norm_a, norm_b, params, a, b, c);
+  }
   Terms<acc_t> sums{0, 0, 0};
   if (need_soft) {
     if constexpr (Div::kSumsFromStats) {
       sums = Div::row_sums(SupportStats<acc_t>{
           (norm_a.max - anchor_a) + norm_a.log_sum, (norm_b.max - anchor_b) + norm_b.log_sum,
           side_a.mass / side_a.sum, side_a.logratio / side_a.sum, side_b.mass / side_b.sum,
-          side_b.logratio / side_b.sum});
+          side_b.logratio / side_b.sum},
+                           params);
     } else {
       for (int64_t j0 = 0; j0 < vocab; j0 += kChunk) {
         const int64_t n = std::min(kChunk, vocab - j0);
@@ -239,7 +375,7 @@ KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, ac
           const bool shared = (a[i] > kNegInf) & (b[i] > kNegInf);
           const acc_t lq = shared ? norm_a.log_prob(a[i]) : acc_t(0);
           const acc_t lp = shared ? norm_b.log_prob(b[i]) : acc_t(0);
-          const Terms<acc_t> t = Div::template terms<Math>(lp, lq, Math::exp(lp), Math::exp(lq), args.params);
+          const Terms<acc_t> t = Div::template terms<Math>(lp, lq, Math::exp(lp), Math::exp(lq), params);
           value += shared ? t.value : acc_t(0);
           d_student += shared ? t.d_student : acc_t(0);
           d_teacher += shared ? t.d_teacher : acc_t(0);
@@ -259,11 +395,11 @@ KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, ac
   const GradientScales<acc_t> scales{norm_a, norm_b, norm_c, args.soft_weight * inv_t,
                                      need_ce ? args.hard_weight : acc_t(0), sums.d_student, sums.d_teacher};
   if (need_soft) {
-    separate_ce ? gradient_row<Div, true, true>(args, row, y, scales, a, b, c)
-                : gradient_row<Div, true, false>(args, row, y, scales, a, b, c);
+    separate_ce ? gradient_row<Div, true, true>(args, params, row, y, scales, a, b, c)
+                : gradient_row<Div, true, false>(args, params, row, y, scales, a, b, c);
   } else {
-    separate_ce ? gradient_row<Div, false, true>(args, row, y, scales, a, b, c)
-                : gradient_row<Div, false, false>(args, row, y, scales, a, b, c);
+    separate_ce ? gradient_row<Div, false, true>(args, params, row, y, scales, a, b, c)
+                : gradient_row<Div, false, false>(args, params, row, y, scales, a, b, c);
   }
 }
 

@@ -94,6 +94,8 @@ KDLossOutputs kd_loss_forward_cuda(const at::Tensor& student, const at::Tensor& 
       check_kd_loss_inputs("kd_loss_forward_cuda", student, teacher, target, row_weight, temperature);
   TORCH_CHECK(student.is_cuda(), "kd_loss_forward_cuda: CUDA tensors expected");
   TORCH_CHECK_VALUE(softcap == 0, "kd_loss_forward_cuda: softcap runs on the triton and cpu backends");
+  TORCH_CHECK_VALUE(divergence != static_cast<int64_t>(Divergence::kAdaptiveKL),
+                    "kd_loss_forward_cuda: adaptive KL runs on the triton and cpu backends");
   const int64_t rows = student.size(0), vocab = student.size(1);
   TORCH_CHECK(vocab <= INT_MAX - 64, "kd_loss_forward_cuda: V must be below 2^31 - 64");
   TORCH_CHECK(rows <= INT_MAX, "kd_loss_forward_cuda: N must be below 2^31");

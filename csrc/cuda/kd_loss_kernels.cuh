@@ -475,7 +475,8 @@ __device__ __forceinline__ RowStatus process_row(const KernelArgs<scalar_t, acc_
     if constexpr (Div::kSumsFromStats) {
       sums = Div::row_sums(SupportStats<acc_t>{stats.a.lse_above(anchor_a), stats.b.lse_above(anchor_b),
                                                stats.a.mass(), stats.a.logratio(), stats.b.mass(),
-                                               stats.b.logratio()});
+                                               stats.b.logratio()},
+                           args.params);
     } else {
       TermSums<acc_t> part = TermSums<acc_t>::identity();
       for_each_pack<kVec>(vocab, r.head, [&](auto width, int j) {

@@ -35,6 +35,7 @@ DIVERGENCES = {
     "skew_reverse_kl": DivergenceSpec(4, ("skew",)),
     "tvd": DivergenceSpec(5),
     "ab": DivergenceSpec(6, ("ab_alpha", "ab_beta")),
+    "akl": DivergenceSpec(7, ("akl_mu",)),
 }
 
 # (row_loss, grad_student, grad_teacher, status): the contract of csrc/kd_loss.h.

@@ -4,7 +4,8 @@
 1. online (max, sum-exp) statistics of student/T, teacher/T and, for the CE term at T != 1,
    student, block by block; for forward/reverse KL also the support sums (mass and log-ratio
    over entries finite in both inputs) that give the divergence and its gradient's row sums;
-2. JSD only: the row sums of the divergence terms;
+2. for divergences whose row sums do not follow from the statistics: those row sums; for
+   adaptive KL: the head search (_head_cut) and the head and tail sums of |p - q|;
 3. the gradients, written in the input dtype.
 
 A divergence is one branch of `_terms` (its value and its derivatives with respect to log q and
@@ -24,8 +25,8 @@ import triton.language as tl
 Tensor = torch.Tensor
 
 # Divergence ids of csrc/divergences.h; the two with kSumsFromStats there.
-FORWARD_KL, REVERSE_KL, JSD, SKEW_KL, SKEW_REVERSE_KL, TVD, ALPHA_BETA = range(7)
-SUMS_FROM_STATS = (FORWARD_KL, REVERSE_KL)
+FORWARD_KL, REVERSE_KL, JSD, SKEW_KL, SKEW_REVERSE_KL, TVD, ALPHA_BETA, ADAPTIVE_KL = range(8)
+SUMS_FROM_STATS = (FORWARD_KL, REVERSE_KL, ADAPTIVE_KL)
 
 # Row status codes of csrc/row_status.h.
 _TARGET_OUT_OF_RANGE = tl.constexpr(1)
@@ -44,7 +45,7 @@ def divergence_params(divergence: int, args: list[float], acc_dtype: torch.dtype
     """The kernel's divergence constants, as make_divergence_params (csrc/divergences.h) prepares
     them: the mixture's (weight, complement, log weight, log complement) of JSD and skew KL, then
     AB's (alpha, beta, 1 / alpha, 1 / beta, 1 / (alpha + beta), middle and highest coefficient
-    minus the lowest, lowest node, middle node) with nodes q, m, p = 0, 1, 2."""
+    minus the lowest, lowest node, middle node) with nodes q, m, p = 0, 1, 2, then adaptive KL's mu."""
     weight, complement = 0.0, 1.0
     if divergence in (JSD, SKEW_KL):
         weight, complement = args[0], 1.0 - args[0]
@@ -63,7 +64,7 @@ def divergence_params(divergence: int, args: list[float], acc_dtype: torch.dtype
         return 1.0 / x if x else math.inf
 
     return (*mixture, alpha, beta, inverse(alpha), inverse(beta), inverse(alpha + beta), coefficients[order[1]] - lowest,
-            coefficients[order[2]] - lowest, order[0], order[1])
+            coefficients[order[2]] - lowest, order[0], order[1], args[0] if divergence == ADAPTIVE_KL else 0.0)
 
 
 @triton.jit
@@ -141,7 +142,7 @@ def _terms(lp, lq, p, q, weight, complement, log_weight, log_complement, ab_alph
         value = half_sign * (p - q)
         d_student = -half_sign * q
         d_teacher = half_sign * p
-    else:  # alpha-beta: f = u^2 exp[x_q, m, x_p], p df/dp = u exp[m, x_p], q df/dq = -u exp[x_q, m]
+    elif DIVERGENCE == 6:  # alpha-beta: f = u^2 exp[x_q, m, x_p], p df/dp = u exp[m, x_p], q df/dq = -u exp[x_q, m]
         u = lp - lq
         g = ab_alpha + ab_beta
         e_q = tl.exp(g * lq)
@@ -157,22 +158,86 @@ def _terms(lp, lq, p, q, weight, complement, log_weight, log_complement, ab_alph
         value = tl.where(tl.abs(ab_spread * u) < 0.5, near, apart)
         d_student = -g_qm
         d_teacher = g_mp
+    else:  # adaptive KL: w KL(p || q) + (1 - w) KL(q || p) with the row's w, 1 - w in weight, complement
+        forward = p * (lp - lq)
+        reverse = q * (lq - lp)
+        value = weight * forward + complement * reverse
+        d_student = -weight * p + complement * (reverse + q)
+        d_teacher = weight * (forward + p) - complement * q
     return value, d_student, d_teacher
 
 
 @triton.jit
-def _row_sums(lse_a, lse_b, mass_a, logratio_a, mass_b, logratio_b, DIVERGENCE: tl.constexpr):
+def _row_sums(lse_a, lse_b, mass_a, logratio_a, mass_b, logratio_b, weight, complement, DIVERGENCE: tl.constexpr):
     """Row sums of _terms from the normalised support sums (divergences with SUMS_FROM_STATS); the
     log-normalisers and log-ratios are of anchored values (csrc/divergences.h, SupportStats)."""
+    forward = logratio_b + (lse_a - lse_b) * mass_b
+    reverse = logratio_a + (lse_b - lse_a) * mass_a
     if DIVERGENCE == 0:
-        value = logratio_b + (lse_a - lse_b) * mass_b
+        value = forward
         sum_d_student = -mass_b
-        sum_d_teacher = value + mass_b
-    else:
-        value = logratio_a + (lse_b - lse_a) * mass_a
-        sum_d_student = value + mass_a
+        sum_d_teacher = forward + mass_b
+    elif DIVERGENCE == 1:
+        value = reverse
+        sum_d_student = reverse + mass_a
         sum_d_teacher = -mass_a
+    else:  # adaptive KL
+        value = weight * forward + complement * reverse
+        sum_d_student = -weight * mass_b + complement * (reverse + mass_a)
+        sum_d_teacher = weight * (forward + mass_b) - complement * mass_a
     return value, sum_d_student, sum_d_teacher
+
+
+@triton.jit
+def _head_cut(t_row, V, inv_t, softcap, m_b, logz_b, mu, SOFTCAP: tl.constexpr, ACC: tl.constexpr,
+              BLOCK: tl.constexpr, BUCKETS: tl.constexpr):
+    """Adaptive KL's head without sorting, with the rule of set_adaptive_weights in
+    csrc/cpu/kd_loss_cpu.cpp: the teacher values b with b > cut (b >= cut if inclusive), plus the
+    row's top value. Each pass
+    buckets the candidate values by value, with each bucket's mass, min and max; the bucket where
+    the cumulative mass from the top passes mu holds the cut, and its [min, max] are the next
+    candidates, until they are one value (a tie group that would pass mu is tail)."""
+    neg_inf = float("-inf")
+    buckets = tl.arange(0, BUCKETS)
+    cols = tl.arange(0, BLOCK)
+    lo = m_b * 0 + neg_inf  # candidates: lo <= b <= hi
+    hi = m_b
+    above = m_b * 0  # mass of b > hi
+    map_lo = m_b - tl.maximum(40.0, tl.abs(m_b) * 1e-3)  # buckets split [map_lo, hi]
+    cut = lo
+    inclusive = 0
+    searching = 1
+    while searching == 1:
+        mass = tl.zeros((BUCKETS,), ACC)
+        low = tl.full((BUCKETS,), float("inf"), ACC)
+        high = tl.full((BUCKETS,), neg_inf, ACC)
+        span = hi - map_lo
+        for start in range(0, V, BLOCK):
+            offs = start + cols
+            b = _soft(tl.load(t_row + offs, mask=offs < V, other=neg_inf).to(ACC), inv_t, softcap, SOFTCAP)
+            candidate = (b >= lo) & (b <= hi) & (b > neg_inf)
+            position = tl.minimum(tl.maximum((b - map_lo) / span * BUCKETS, 0.0), BUCKETS - 1)
+            hit = (tl.where(candidate, position.to(tl.int32), -1)[:, None] == buckets[None, :])
+            mass += tl.sum(tl.where(hit, tl.exp((b - m_b) - logz_b)[:, None], 0.0), axis=0)
+            low = tl.minimum(low, tl.min(tl.where(hit, b[:, None], float("inf")), axis=0))
+            high = tl.maximum(high, tl.max(tl.where(hit, b[:, None], neg_inf), axis=0))
+        from_top = tl.sum(mass) - tl.cumsum(mass, axis=0) + mass  # mass of the buckets >= each
+        k = tl.max(tl.where((above + from_top > mu) & (mass > 0), buckets, -1))
+        bucket_low = tl.sum(tl.where(buckets == k, low, 0.0))
+        bucket_high = tl.sum(tl.where(buckets == k, high, 0.0))
+        if k < 0:  # every candidate fits (possible only through rounding)
+            cut = lo
+            inclusive = 1
+            searching = 0
+        elif bucket_low == bucket_high:
+            cut = bucket_low
+            searching = 0
+        else:
+            above += tl.sum(tl.where(buckets > k, mass, 0.0))
+            lo = bucket_low
+            map_lo = bucket_low
+            hi = bucket_high
+    return cut, inclusive
 
 
 @triton.jit
@@ -226,11 +291,11 @@ def _kd_loss_kernel(
     S, T, Y, W, LOSS, GS, GT, STATUS,
     s_stride, t_stride, V, v_bucket, inv_t, softcap, cap_scale, soft_weight, hard_weight, ignore_index,
     mix_weight, mix_complement, log_mix_weight, log_mix_complement, ab_alpha, ab_beta, ab_inv_alpha, ab_inv_beta,
-    ab_inv_sum, ab_offset_middle, ab_spread, ab_lowest, ab_middle,
+    ab_inv_sum, ab_offset_middle, ab_spread, ab_lowest, ab_middle, head_mass,
     HAS_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEED_SOFT: tl.constexpr, SEPARATE_CE: tl.constexpr,
     STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr, DIVERGENCE: tl.constexpr,
     SUMS_FROM_STATS: tl.constexpr, TERMS: tl.constexpr, SOFTCAP: tl.constexpr, ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, HEAD_BLOCK: tl.constexpr = 256, HEAD_BUCKETS: tl.constexpr = 32,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = S + row * s_stride
@@ -324,10 +389,30 @@ def _kd_loss_kernel(
     sum_d_student = zero
     sum_d_teacher = zero
     if NEED_SOFT:
+        if DIVERGENCE == 7:  # adaptive KL: the row's weights of forward and reverse KL
+            mix_weight = zero + 0.5
+            mix_complement = zero + 0.5
+            if live:
+                cut, inclusive = _head_cut(t_row, V, inv_t, softcap, m_b, logz_b, head_mass, SOFTCAP, ACC, HEAD_BLOCK,
+                                           HEAD_BUCKETS)
+                g_head = zero
+                g_tail = zero
+                for start in range(0, V, BLOCK):
+                    offs = start + cols
+                    inside = offs < V
+                    a = _soft(tl.load(s_row + offs, mask=inside, other=neg_inf).to(ACC), inv_t, softcap, SOFTCAP)
+                    b = _soft(tl.load(t_row + offs, mask=inside, other=neg_inf).to(ACC), inv_t, softcap, SOFTCAP)
+                    shared = (a > neg_inf) & (b > neg_inf)
+                    error = tl.where(shared, tl.abs(tl.exp((b - m_b) - logz_b) - tl.exp((a - m_a) - logz_a)), 0.0)
+                    head = tl.where(inclusive == 1, b >= cut, b > cut) | (b == m_b)
+                    g_head += tl.sum(tl.where(head, error, 0.0))
+                    g_tail += tl.sum(tl.where(head, 0.0, error))
+                mix_weight = tl.where(g_head + g_tail > 0, g_head / (g_head + g_tail), 0.5)
+                mix_complement = tl.where(g_head + g_tail > 0, g_tail / (g_head + g_tail), 0.5)
         if SUMS_FROM_STATS:
             value, sum_d_student, sum_d_teacher = _row_sums(
                 (m_a - anchor_a) + logz_a, (m_b - anchor_b) + logz_b, mass_a / z_a, lr_a / z_a,
-                mass_b / z_b, lr_b / z_b, DIVERGENCE)
+                mass_b / z_b, lr_b / z_b, mix_weight, mix_complement, DIVERGENCE)
         else:
             for start in range(0, V, BLOCK):
                 offs = start + cols
