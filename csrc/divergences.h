@@ -13,8 +13,8 @@
 // follow from the statistics of the first read (forward and reverse KL) sets kSumsFromStats
 // and provides row_sums(); the kernels then skip the reduction read.
 //
-// Adding a divergence: a struct with terms() (and row_sums() if kSumsFromStats), an enum
-// value, a case in dispatch_divergence() and, if it takes keyword arguments, their slot in
+// Adding a divergence: a struct with its kId, terms() (and row_sums() if kSumsFromStats), an
+// enum value, a case in dispatch_divergence() and, if it takes keyword arguments, their slot in
 // make_divergence_params(). Math supplies exp and log for the backend.
 #pragma once
 
@@ -98,6 +98,7 @@ struct SupportStats {
 };
 
 struct ForwardKL {  // KL(p || q)
+  static constexpr Divergence kId = Divergence::kForwardKL;
   static constexpr bool kSumsFromStats = true;
   template <typename Math, typename acc_t>
   static KD_HD Terms<acc_t> terms(acc_t lp, acc_t lq, acc_t p, acc_t q, const DivergenceParams<acc_t>&) {
@@ -112,6 +113,7 @@ struct ForwardKL {  // KL(p || q)
 };
 
 struct ReverseKL {  // KL(q || p)
+  static constexpr Divergence kId = Divergence::kReverseKL;
   static constexpr bool kSumsFromStats = true;
   template <typename Math, typename acc_t>
   static KD_HD Terms<acc_t> terms(acc_t lp, acc_t lq, acc_t p, acc_t q, const DivergenceParams<acc_t>&) {
@@ -168,6 +170,7 @@ KD_HD acc_t exp_second_ratio_series(acc_t y1, acc_t y2) {
 // Generalised JSD: beta * KL(p || m) + (1 - beta) * KL(q || m), m = beta * p + (1 - beta) * q.
 // df/dq = (1 - beta) * log(q / m) and df/dp = beta * log(p / m).
 struct JSD {
+  static constexpr Divergence kId = Divergence::kJSD;
   static constexpr bool kSumsFromStats = false;
   template <typename Math, typename acc_t>
   static KD_HD Terms<acc_t> terms(acc_t lp, acc_t lq, acc_t p, acc_t q, const DivergenceParams<acc_t>& prm) {
@@ -181,6 +184,7 @@ struct JSD {
 // Skew KL (DistiLLM): KL(p || m), m = w * p + (1 - w) * q with w = skew; w = 0 is forward KL.
 // q df/dq = -(1 - w) p q / m and p df/dp = f + p - w p^2 / m.
 struct SkewKL {
+  static constexpr Divergence kId = Divergence::kSkewKL;
   static constexpr bool kSumsFromStats = false;
   template <typename Math, typename acc_t>
   static KD_HD Terms<acc_t> terms(acc_t lp, acc_t lq, acc_t p, acc_t q, const DivergenceParams<acc_t>& prm) {
@@ -194,6 +198,7 @@ struct SkewKL {
 // Skew reverse KL: KL(q || m), m = (1 - skew) * p + skew * q; SkewKL with the roles swapped
 // (make_divergence_params prepares the weight of p, w = 1 - skew).
 struct SkewReverseKL {
+  static constexpr Divergence kId = Divergence::kSkewReverseKL;
   static constexpr bool kSumsFromStats = false;
   template <typename Math, typename acc_t>
   static KD_HD Terms<acc_t> terms(acc_t lp, acc_t lq, acc_t p, acc_t q, const DivergenceParams<acc_t>& prm) {
@@ -205,6 +210,7 @@ struct SkewReverseKL {
 
 // Total variation distance: f = |p - q| / 2, with subgradient 0 where p == q.
 struct TVD {
+  static constexpr Divergence kId = Divergence::kTVD;
   static constexpr bool kSumsFromStats = false;
   template <typename Math, typename acc_t>
   static KD_HD Terms<acc_t> terms(acc_t, acc_t, acc_t p, acc_t q, const DivergenceParams<acc_t>&) {
@@ -226,6 +232,7 @@ struct TVD {
 // the two G of the nodes ordered by c over their c spread, or its series where the nodes lie
 // within 1/2. Three exps and no division per entry.
 struct AlphaBeta {
+  static constexpr Divergence kId = Divergence::kAlphaBeta;
   static constexpr bool kSumsFromStats = false;
   template <typename acc_t>
   static KD_HD acc_t g_pair(acc_t u, acc_t c, acc_t inv_c, acc_t e_a, acc_t e_b) {  // u exp[a, b], c_b - c_a = c
@@ -256,6 +263,7 @@ struct AlphaBeta {
 // g = sum |p - q| over the head (the largest p whose cumulative mass is <= mu, ties together,
 // the top value always in) and over the tail; w = 1/2 where p == q everywhere.
 struct AdaptiveKL {
+  static constexpr Divergence kId = Divergence::kAdaptiveKL;
   static constexpr bool kSumsFromStats = true;
   template <typename Math, typename acc_t>
   static KD_HD Terms<acc_t> terms(acc_t lp, acc_t lq, acc_t p, acc_t q, const DivergenceParams<acc_t>& prm) {

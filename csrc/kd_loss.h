@@ -4,7 +4,8 @@
 //   device (e.g. 1 / rows counted, for a mean), read where the kernel runs (no host sync on GPU);
 //   divergence: a Divergence id, divergence_args: its keyword arguments (make_divergence_params);
 //   softcap: > 0 to give the soft term softcap * tanh(x / softcap) of both inputs (the CE term
-//   keeps the raw student logits), 0 for off.
+//   keeps the raw student logits), 0 for off; standardize: the soft term sees each row of both
+//   inputs as (x - mean) / (std + 1e-7) over its finite entries (unbiased std; not with softcap).
 // Returns (row_loss [N] in the accumulation dtype, grad_student [N, V] or empty [0, V],
 // grad_teacher [N, V] or empty [0, V], status [N] int8 of RowStatus codes).
 // row_loss_i = row_weight * (soft_weight * D_i + hard_weight * CE_i), 0 for rows whose target is
@@ -48,7 +49,7 @@ inline at::Tensor check_kd_loss_inputs(const char* entry, const at::Tensor& stud
 KDLossOutputs kd_loss_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                   const std::optional<at::Tensor>& target,
                                   const std::optional<at::Tensor>& row_weight, double temperature, double softcap,
-                                  double soft_weight, double hard_weight, int64_t divergence,
+                                  bool standardize, double soft_weight, double hard_weight, int64_t divergence,
                                   const std::vector<double>& divergence_args, int64_t ignore_index, bool student_grad,
                                   bool teacher_grad);
 
@@ -56,7 +57,7 @@ KDLossOutputs kd_loss_forward_cpu(const at::Tensor& student, const at::Tensor& t
 KDLossOutputs kd_loss_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                    const std::optional<at::Tensor>& target,
                                    const std::optional<at::Tensor>& row_weight, double temperature, double softcap,
-                                   double soft_weight, double hard_weight, int64_t divergence,
+                                   bool standardize, double soft_weight, double hard_weight, int64_t divergence,
                                    const std::vector<double>& divergence_args, int64_t ignore_index, bool student_grad,
                                    bool teacher_grad);
 #endif

@@ -30,10 +30,12 @@ DEFAULT_IMPLEMENTATIONS = {
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOSS_OPTIONS = dict(temperature=2.0, alpha=0.5)
-# The keywords each divergence is timed with (`--divergence`).
-DIVERGENCE_KEYWORDS: dict[str, dict[str, float]] = {
+# The soft terms that can be timed (`--divergence`): a divergence with the keywords it is timed
+# with, or "<divergence>+standardize" for it on standardised logits.
+DIVERGENCE_KEYWORDS: dict[str, dict[str, object]] = {
     "forward_kl": {}, "reverse_kl": {}, "jsd": {"beta": 0.5}, "skew_kl": {"skew": 0.1},
     "skew_reverse_kl": {"skew": 0.1}, "tvd": {}, "ab": {"ab_alpha": 0.5, "ab_beta": 0.5}, "akl": {"akl_mu": 0.5},
+    "forward_kl+standardize": {"standardize": True},
 }
 
 
@@ -53,7 +55,7 @@ def _liger_loss() -> Callable[..., torch.Tensor]:
 
 
 def _loss_fn(impl: str, divergence: str) -> Callable[..., torch.Tensor]:
-    options = dict(LOSS_OPTIONS, divergence=divergence, **DIVERGENCE_KEYWORDS[divergence])
+    options = dict(LOSS_OPTIONS, divergence=divergence.partition("+")[0], **DIVERGENCE_KEYWORDS[divergence])
     if impl.startswith("kdkernels"):
         backend = impl.partition("-")[2] or "auto"
         return lambda s, t, y: kdkernels.kd_loss(s, t, y, backend=backend, **options)
@@ -109,16 +111,7 @@ def measure(impl: str, rows: int, vocab: int, dtype: str, device: str, repeats: 
         inputs[0].grad = None
         fn(*inputs).backward()
 
-    step(input_sets[0])  # warm-up: compilation, autotuning, first-touch allocations
-    times = []
-    for i in range(repeats):
-        inputs = input_sets[i % sets]
-        if dev.type == "cuda":
-            times.append(cuda_seconds(lambda: step(inputs)))
-        else:
-            begin = time.perf_counter()
-            step(inputs)
-            times.append(time.perf_counter() - begin)
+    times = step_seconds(lambda i: step(input_sets[i % sets]), device, repeats)
 
     for inputs in input_sets:
         inputs[0].grad = None
@@ -141,6 +134,20 @@ def measure(impl: str, rows: int, vocab: int, dtype: str, device: str, repeats: 
         "minimal_bytes": 3 * grad_bytes, "gbps": 3 * grad_bytes / median / 1e9,
         "peak_bytes": peak, "peak_in_gradients": peak / grad_bytes if peak >= 0 else None,
     }
+
+
+def step_seconds(step: Callable[[int], object], device: str, repeats: int) -> list[float]:
+    """Times of `repeats` calls step(i), i = 0, 1, ..., after one untimed warm-up call (compilation,
+    autotuning, first-touch allocations): CUDA events on CUDA, the wall clock on CPU."""
+    step(0)
+    if torch.device(device).type == "cuda":
+        return [cuda_seconds(lambda: step(i)) for i in range(repeats)]
+    times = []
+    for i in range(repeats):
+        begin = time.perf_counter()
+        step(i)
+        times.append(time.perf_counter() - begin)
+    return times
 
 
 def cuda_seconds(fn: Callable[[], object]) -> float:

@@ -13,14 +13,13 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from typing import Callable, Optional
 
 import torch
 
 import kdkernels
 from kdkernels import reference
-from kdkernels.benchmark import DTYPES, cuda_seconds, environment, reset_peak_rss, rss_bytes
+from kdkernels.benchmark import DTYPES, environment, reset_peak_rss, rss_bytes, step_seconds
 
 IMPLEMENTATIONS = ("fused", "unfused", "reference")
 LOSS_OPTIONS = dict(temperature=2.0, alpha=0.5)
@@ -60,15 +59,7 @@ def measure(impl: str, rows: int, hidden: int, vocab: int, dtype: str, device: s
         h_s.grad = w_s.grad = None
         fn(h_s, w_s, h_t, w_t, target).backward()
 
-    step()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            times.append(cuda_seconds(step))
-        else:
-            begin = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - begin)
+    times = step_seconds(lambda _: step(), device, repeats)
     h_s.grad = w_s.grad = None
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -12,6 +12,7 @@ import torch
 from kdkernels import reference
 from kdkernels.ops import DIVERGENCES, kd_loss_rows, resolve_backend
 from kdkernels.ops.backends import BACKENDS
+from kdkernels.ops.dist_loss import dist_loss_op
 from kdkernels.ops.dkd_loss import dkd_loss_rows
 from kdkernels.ops.fused_linear_kd_loss import default_chunk_rows
 from kdkernels.ops.fused_linear_kd_loss import fused_linear_kd_loss as fused_linear_kd_loss_op
@@ -78,6 +79,11 @@ def _check_target(target: Tensor, student_logits: Tensor, name: str = "student_l
         raise ValueError(f"target is on {target.device} but {name} is on {student_logits.device}")
 
 
+def _check_constant_teacher(teacher_logits: Tensor, op: str) -> None:
+    if teacher_logits.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{op} treats the teacher as a constant: pass teacher_logits.detach()")
+
+
 def _check_number(name: str, value: object, low: float, high: float, *, open_low: bool = False,
                   open_high: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -132,7 +138,7 @@ def _check_options(temperature: float, alpha: float, reduction: str,
 
 # The keywords that kd_loss and fused_linear_kd_loss share with reference.kd_loss.
 _KD_KEYWORDS = ("temperature", "alpha", "divergence", "beta", "skew", "ab_alpha", "ab_beta", "akl_mu", "reduction",
-                "ignore_index", "scale_by_temperature", "num_items", "logit_scale", "softcap")
+                "ignore_index", "scale_by_temperature", "num_items", "logit_scale", "softcap", "standardize")
 
 
 def _kd_keywords(arguments: dict) -> dict:
@@ -146,6 +152,7 @@ class _SoftOptions:
 
     kernel_temperature: float  # T / logit_scale: softmax(c z / T) is softmax(z / (T / c))
     softcap: float  # 0: off; the kernels apply it to logit_scale * z
+    standardize: bool
     soft_weight: float
     hard_weight: float
     divergence: str
@@ -167,17 +174,24 @@ class _SoftOptions:
         softcap = keywords["softcap"]
         if softcap is not None:
             softcap = _check_number("softcap", softcap, 0.0, math.inf, open_low=True, open_high=True)
+        standardize = keywords["standardize"]
+        if not isinstance(standardize, bool):
+            raise TypeError(f"standardize must be a bool, got {type(standardize).__name__}")
+        if standardize and (softcap is not None or logit_scale != 1.0):
+            raise ValueError("standardize=True takes neither softcap nor logit_scale (it rescales each row itself)")
         soft_scale = temperature**2 if keywords["scale_by_temperature"] else 1.0
         # softcap(c z) = c * softcap'(z) with softcap' = softcap / c: the kernels see z at T / c.
-        return cls(temperature / logit_scale, softcap / logit_scale if softcap else 0.0,
+        return cls(temperature / logit_scale, softcap / logit_scale if softcap else 0.0, standardize,
                    soft_scale * (alpha if has_target else 1.0), 1.0 - alpha if has_target else 0.0, divergence,
                    divergence_args, keywords["reduction"], keywords["num_items"], int(keywords["ignore_index"]))
 
     @property
     def backends(self) -> tuple[str, ...]:
-        """The backends with kernels for these options (the CUDA kernel has neither softcap nor
-        adaptive KL)."""
-        return ("cpu", "triton", "reference") if self.softcap or self.divergence == "akl" else BACKENDS
+        """The backends with kernels for these options (the CUDA kernel has neither softcap,
+        standardize nor adaptive KL)."""
+        if self.softcap or self.standardize or self.divergence == "akl":
+            return ("cpu", "triton", "reference")
+        return BACKENDS
 
     def row_weight(self, rows_target: Optional[Tensor], rows: Tensor) -> Optional[Tensor]:
         """The weight of every row for the reduction (None unless batchmean)."""
@@ -220,6 +234,7 @@ def kd_loss(
     num_items: Optional[Union[int, Tensor]] = None,
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
+    standardize: bool = False,
     shared_vocab: Optional[int] = None,
     backend: str = "auto",
 ) -> Tensor:
@@ -250,6 +265,12 @@ def kd_loss(
     - ``softcap=c`` (> 0): the soft term sees ``c * tanh(z / c)`` of both inputs' (scaled) logits
       z (Gemma-2 ``final_logit_softcapping``), inside the kernel with its exact gradient; the CE
       term reads the raw logits; -inf entries stay masked. Runs on the cpu and triton backends.
+    - ``standardize=True``: logit standardisation (Sun et al., CVPR 2024): the soft term sees each
+      row of both inputs as ``(z - mean) / (std + 1e-7)`` (unbiased std, over the row's finite
+      entries; 0 for a constant row), with the gradient through the mean and std; the CE term
+      reads the raw logits. It costs one more read of each row for the mean and std, and the
+      divergence's row sums come from a read of their own (forward and reverse KL otherwise take
+      them from the statistics). Not with ``softcap`` or ``logit_scale``; cpu and triton backends.
     - ``soft = divergence * (T^2 if scale_by_temperature else 1)``.
     - ``shared_vocab=N``: distil over the first N vocabulary entries of both inputs, whose V may
       then differ (one padded, e.g. 151936 vs 152064); without it, differing V is an error.
@@ -284,8 +305,8 @@ def kd_loss(
     grad_enabled = torch.is_grad_enabled()
     rows, _, _ = kd_loss_rows(
         student, teacher, rows_target, options.row_weight(rows_target, student), options.kernel_temperature,
-        options.softcap, options.soft_weight, options.hard_weight, divergence, options.divergence_args,
-        options.ignore_index, grad_enabled and student_logits.requires_grad,
+        options.softcap, options.standardize, options.soft_weight, options.hard_weight, divergence,
+        options.divergence_args, options.ignore_index, grad_enabled and student_logits.requires_grad,
         grad_enabled and teacher_logits.requires_grad, backend)
     if reduction == "none":
         return rows.reshape(lead_shape)
@@ -317,6 +338,7 @@ def fused_linear_kd_loss(
     num_items: Optional[Union[int, Tensor]] = None,
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
+    standardize: bool = False,
     backend: str = "auto",
 ) -> Tensor:
     """:func:`kd_loss` of ``student_hidden @ student_weight.T + student_bias`` against
@@ -382,9 +404,9 @@ def fused_linear_kd_loss(
     chunk_rows = chunk_size or default_chunk_rows(h_s.shape[0], vocab, h_s.shape[1])
     loss, *_ = fused_linear_kd_loss_op(
         h_s, student_weight, student_bias, h_t, teacher_weight, teacher_bias, rows_target,
-        options.row_weight(rows_target, h_s), options.kernel_temperature, options.softcap, options.soft_weight,
-        options.hard_weight,
-        divergence, options.divergence_args, options.ignore_index, chunk_rows, student_grad, teacher_grad, backend)
+        options.row_weight(rows_target, h_s), options.kernel_temperature, options.softcap, options.standardize,
+        options.soft_weight, options.hard_weight, divergence, options.divergence_args, options.ignore_index, chunk_rows,
+        student_grad, teacher_grad, backend)
     return loss
 
 
@@ -416,8 +438,7 @@ def dkd_loss(
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor of class indices, got {type(target).__name__}")
     _check_target(target, student_logits)
-    if teacher_logits.requires_grad and torch.is_grad_enabled():
-        raise ValueError("dkd_loss treats the teacher as a constant: pass teacher_logits.detach()")
+    _check_constant_teacher(teacher_logits, "dkd_loss")
     temperature = _check_number("temperature", temperature, 0.0, math.inf, open_low=True, open_high=True)
     alpha = _check_number("alpha", alpha, 0.0, math.inf, open_high=True)
     beta = _check_number("beta", beta, 0.0, math.inf, open_high=True)
@@ -434,3 +455,49 @@ def dkd_loss(
                             alpha, beta, int(ignore_index), torch.is_grad_enabled() and student_logits.requires_grad,
                             backend)
     return rows.sum()
+
+
+def dist_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    temperature: float = 1.0,
+    eps: float = 1e-8,
+    backend: str = "auto",
+) -> Tensor:
+    """DIST (Huang et al., NeurIPS 2022), fused; the definition of torchdistill's ``DISTLoss``.
+
+    With ``y = softmax(z / T)`` of ``[N, C]`` logits (N >= 2 rows) and ``pearson(u, v)`` the
+    cosine of the centred vectors with ``eps`` added to the product of their norms:
+    inter = ``1 - mean_i pearson(y_s[i, :], y_t[i, :])`` (over the classes of each row), intra =
+    ``1 - mean_j pearson(y_s[:, j], y_t[:, j])`` (over the rows of each class), loss =
+    ``T^2 * (beta * inter + gamma * intra)``. The row mean of y is taken as ``1 / C`` (the mean of a
+    softmax). The column sums are reduced in two stages (blocks of rows, then the blocks) with no
+    transposed copy; the kernels read the logits three times and once more for the gradient. -inf
+    entries are valid (y = 0); NaN, +inf or a row all -inf raise ValueError. The teacher is a
+    constant (pass it detached); the loss is fp32 (fp64 for fp64 inputs). ``backend``: "auto",
+    "cpu", "triton" or "reference".
+    """
+    _check_floats({"student_logits": student_logits, "teacher_logits": teacher_logits}, "[N, C]")
+    if student_logits.dim() != 2 or teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"dist_loss takes [N, C] logits of one shape, got student_logits "
+                         f"{tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)}")
+    if student_logits.shape[0] < 2:
+        raise ValueError(f"dist_loss needs N >= 2 rows (its intra-class term correlates each class over the rows), "
+                         f"got N = {student_logits.shape[0]}")
+    _check_constant_teacher(teacher_logits, "dist_loss")
+    temperature = _check_number("temperature", temperature, 0.0, math.inf, open_low=True, open_high=True)
+    beta = _check_number("beta", beta, 0.0, math.inf, open_high=True)
+    gamma = _check_number("gamma", gamma, 0.0, math.inf, open_high=True)
+    eps = _check_number("eps", eps, 0.0, math.inf, open_high=True)
+    backend = resolve_backend(backend, student_logits.device, supported=("cpu", "triton", "reference"))
+    if backend == "reference":
+        return reference.dist_loss(student_logits, teacher_logits, beta=beta, gamma=gamma, temperature=temperature,
+                                   eps=eps)
+    student = student_logits if student_logits.stride(-1) == 1 else student_logits.contiguous()
+    teacher = teacher_logits if teacher_logits.stride(-1) == 1 else teacher_logits.contiguous()
+    loss, _ = dist_loss_op(student, teacher, temperature, beta, gamma, eps,
+                           torch.is_grad_enabled() and student_logits.requires_grad, backend)
+    return loss

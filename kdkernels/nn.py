@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from kdkernels.functional import dkd_loss, fused_linear_kd_loss, kd_loss
+from kdkernels.functional import dist_loss, dkd_loss, fused_linear_kd_loss, kd_loss
 
 Tensor = torch.Tensor
 
@@ -63,3 +63,13 @@ class DKDLoss(_KeywordLoss):
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> Tensor:
         return dkd_loss(student_logits, teacher_logits, target, **self.options)
+
+
+class DISTLoss(_KeywordLoss):
+    """Module form of :func:`kdkernels.dist_loss`, with its keywords fixed at construction:
+    ``forward(student_logits, teacher_logits)``."""
+
+    function = staticmethod(dist_loss)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        return dist_loss(student_logits, teacher_logits, **self.options)

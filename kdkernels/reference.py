@@ -85,6 +85,19 @@ def _divergence_rows(log_p: Tensor, log_q: Tensor, divergence: str, beta: float,
     return torch.where(shared, terms, torch.zeros_like(terms)).sum(-1)
 
 
+def _standardize(z: Tensor) -> Tensor:
+    """Logit standardisation (Sun et al., CVPR 2024): (z - mean) / (std + 1e-7) per row, unbiased
+    std, over the row's finite entries (-inf stays -inf; std 0 below two entries)."""
+    finite = torch.isfinite(z)
+    count = finite.sum(-1, keepdim=True)
+    mean = torch.where(finite, z, 0.0).sum(-1, keepdim=True) / count.clamp_min(1)
+    centred = torch.where(finite, z - mean, 0.0)
+    variance = (centred**2).sum(-1, keepdim=True) / (count - 1).clamp_min(1)
+    # sqrt's gradient at 0 is inf: a constant row (variance 0) gets the subgradient 0 instead.
+    std = variance.clamp_min(torch.finfo(z.dtype).tiny).sqrt()
+    return torch.where(finite, centred / (std + 1e-7), z)
+
+
 def kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -104,6 +117,7 @@ def kd_loss(
     num_items: Optional[int | Tensor] = None,
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
+    standardize: bool = False,
 ) -> Tensor:
     """Hinton's distillation loss, ``alpha * T^2 * D(softmax(t/T), softmax(s/T)) +
     (1 - alpha) * CE(s, y)`` per row; see :func:`kdkernels.kd_loss` for the full semantics."""
@@ -116,6 +130,8 @@ def kd_loss(
     if softcap is not None:  # -inf (masked) entries stay -inf
         soft_s = torch.where(soft_s == -math.inf, soft_s, softcap * torch.tanh(soft_s / softcap))
         soft_t = torch.where(soft_t == -math.inf, soft_t, softcap * torch.tanh(soft_t / softcap))
+    if standardize:
+        soft_s, soft_t = _standardize(soft_s), _standardize(soft_t)
     log_q = F.log_softmax(soft_s / temperature, dim=-1)
     log_p = F.log_softmax(soft_t / temperature, dim=-1)
     soft = _divergence_rows(log_p, log_q, divergence, beta, skew, ab_alpha, ab_beta, akl_mu)

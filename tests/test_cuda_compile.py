@@ -73,6 +73,8 @@ def test_kernels_compile_for_sm90a_without_spills(tmp_path):
     usage = _resource_usage(done.stderr)
     for name, (registers, stores, loads) in zip(_demangle(list(usage)), usage.values()):
         print(f"{registers:4d} registers, {stores} / {loads} bytes spilled: {name}")
-    # Two widths (16-byte packs, and the scalar fallback) per divergence and dtype.
-    assert len(usage) == 2 * len(SCALAR_TYPES) * len(DIVERGENCES)
+    # Two widths (16-byte packs, and the scalar fallback) per divergence and dtype; adaptive KL
+    # has no CUDA kernel (its head search runs in Triton).
+    cuda_divergences = [name for name in DIVERGENCES if name != "akl"]
+    assert len(usage) == 2 * len(SCALAR_TYPES) * len(cuda_divergences)
     assert all(stores == 0 and loads == 0 for _, stores, loads in usage.values()), "ptxas spilled registers"

@@ -357,3 +357,82 @@ def test_softcap_gradcheck_and_bad_values():
     for value in (0.0, -1.0, float("inf")):
         with pytest.raises(ValueError, match="softcap"):
             kdk.kd_loss(s, t, softcap=value)
+
+
+def _paper_standardize(z: Tensor) -> Tensor:  # Sun et al.'s normalize(): unbiased std, 1e-7
+    return (z - z.mean(-1, keepdim=True)) / (1e-7 + z.std(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "tvd", "akl"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_standardize_matches_the_paper(divergence, dtype):
+    """T^2 * D(softmax(std(t) / T), softmax(std(s) / T)) + CE on the raw logits, values and both
+    gradients, against Sun et al.'s normalize() in fp64 with autograd through mean and std."""
+    if divergence == "akl" and dtype == torch.bfloat16:
+        pytest.skip("bf16 ties: see test_paper_formula")
+    temperature, alpha = 2.0, 0.7
+    s = make_logits((5,), 300, dtype, seed=32, scale=2.0)
+    t = make_logits((5,), 300, dtype, seed=33, scale=5.0)
+    target = torch.tensor([3, -100, 299, 0, 17])
+    keywords = {"jsd": {"beta": 0.3}, "akl": {"akl_mu": 0.5}}.get(divergence, {})
+    loss = kdk.kd_loss(s, t, target, divergence=divergence, temperature=temperature, alpha=alpha, standardize=True,
+                       reduction="none", backend="cpu", **keywords)
+    weights = torch.linspace(0.5, 1.5, 5, dtype=torch.float64)
+    grads = torch.autograd.grad((loss * weights.to(loss.dtype)).sum(), [s, t])
+
+    s64, t64 = (x.detach().double().requires_grad_() for x in (s, t))
+    p = torch.softmax(_paper_standardize(t64) / temperature, -1)
+    q = torch.softmax(_paper_standardize(s64) / temperature, -1)
+    soft = {"forward_kl": lambda: (p * (p / q).log()).sum(-1), "reverse_kl": lambda: (q * (q / p).log()).sum(-1),
+            "jsd": lambda: (0.3 * p * (p / (0.3 * p + 0.7 * q)).log()
+                            + 0.7 * q * (q / (0.3 * p + 0.7 * q)).log()).sum(-1),
+            "tvd": lambda: _tvd(p, q), "akl": lambda: _adaptive_kl(p, q, 0.5)}[divergence]()
+    ce = torch.nn.functional.cross_entropy(s64, target, reduction="none")
+    exact = torch.where(target != -100, alpha * temperature**2 * soft + (1 - alpha) * ce, 0.0)
+    exact_grads = torch.autograd.grad((exact * weights).sum(), [s64, t64])
+    tolerance = {torch.float64: 1e-9, torch.float32: 3e-5, torch.bfloat16: 3e-5}[dtype]
+    torch.testing.assert_close(loss.detach().double(), exact.detach(), rtol=tolerance,
+                               atol=tolerance * exact.abs().max().item())
+    for grad, exact_grad in zip(grads, exact_grads):
+        grad_tolerance = 8e-3 if dtype == torch.bfloat16 else tolerance
+        torch.testing.assert_close(grad.double(), exact_grad, rtol=grad_tolerance,
+                                   atol=grad_tolerance * exact_grad.abs().max().item())
+
+
+def test_standardize_constant_rows_masks_gradcheck_and_fused_linear():
+    """A constant row standardises to 0 (no NaN; its gradient through the std is the subgradient
+    0); -inf entries stay masked and the statistics skip them; gradcheck in fp64; inside
+    fused_linear_kd_loss."""
+    s = make_logits((4,), 40, torch.float64, seed=34, requires_grad=False)
+    t = make_logits((4,), 40, torch.float64, seed=35, requires_grad=False)
+    s[0] = 2.0
+    t[1] = -1.0
+    s[2, 30:] = float("-inf")
+    t[3, :5] = float("-inf")
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    assert_matches_reference(s, t, None, backend="cpu", temperature=1.5, standardize=True)
+    loss = kdk.kd_loss(s, t, standardize=True, reduction="none")
+    assert torch.isfinite(loss).all() and torch.isfinite(torch.autograd.grad(loss.sum(), [s])[0]).all()
+    a = make_logits((3,), 8, torch.float64, seed=36)
+    b = make_logits((3,), 8, torch.float64, seed=37)
+    target = torch.tensor([1, -100, 7])
+    assert torch.autograd.gradcheck(lambda x, y: kdk.kd_loss(x, y, target, standardize=True, temperature=1.3,
+                                                             divergence="jsd", reduction="none", backend="cpu"), (a, b))
+    h_s = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    w_s, h_t, w_t = (torch.randn(*shape, dtype=torch.float64) for shape in ((40, 8), (6, 8), (40, 8)))
+    fused = kdk.fused_linear_kd_loss(h_s, w_s, h_t, w_t, standardize=True, chunk_size=4)
+    unfused = kdk.kd_loss(h_s @ w_s.T, h_t @ w_t.T, standardize=True)
+    torch.testing.assert_close(fused, unfused)
+    torch.testing.assert_close(torch.autograd.grad(fused, [h_s])[0], torch.autograd.grad(unfused, [h_s])[0])
+
+
+@pytest.mark.parametrize("keywords, error, match", [
+    ({"standardize": True, "softcap": 3.0}, ValueError, "standardize"),
+    ({"standardize": True, "logit_scale": 2.0}, ValueError, "standardize"),
+    ({"standardize": "yes"}, TypeError, "standardize"),
+])
+def test_bad_standardize_is_a_clear_error(keywords, error, match):
+    s = make_logits((2,), 5, torch.float32, seed=38)
+    with pytest.raises(error, match=match):
+        kdk.kd_loss(s, s.detach(), **keywords)

@@ -124,8 +124,8 @@ def test_module_opcheck_and_compile():
                   tensors["teacher_weight"], target, tensors["student_bias"], tensors["teacher_bias"])
     torch.testing.assert_close(loss, _fused(tensors, target, temperature=2.0, chunk_size=4))
     args = (tensors["student_hidden"], tensors["student_weight"], tensors["student_bias"], tensors["teacher_hidden"],
-            tensors["teacher_weight"].detach(), None, target, torch.tensor(0.125), 2.0, 0.0, 2.0, 0.5, "forward_kl", [],
-            -100, 4, True, False, "cpu")
+            tensors["teacher_weight"].detach(), None, target, torch.tensor(0.125), 2.0, 0.0, False, 2.0, 0.5,
+            "forward_kl", [], -100, 4, True, False, "cpu")
     torch.library.opcheck(torch.ops.kdkernels.fused_linear_kd_loss.default, args)
 
     def step(h, w, ht, wt):

@@ -232,8 +232,10 @@ def test_opcheck(divergence):
     target = torch.tensor([1, -100, 3, 36, 0])
     divergence_args = list(DIVERGENCE_CASES[divergence].values())
     for args in [
-        (s, t, target, torch.tensor(0.25), 2.0, 0.0, 4.0 * 0.5, 0.5, divergence, divergence_args, -100, True, True, "cpu"),
-        (s, t.detach(), None, None, 1.0, 3.0, 1.0, 0.0, divergence, divergence_args, -100, True, False, "cpu"),
+        (s, t, target, torch.tensor(0.25), 2.0, 0.0, False, 4.0 * 0.5, 0.5, divergence, divergence_args, -100, True,
+         True, "cpu"),
+        (s, t.detach(), None, None, 1.0, 3.0, False, 1.0, 0.0, divergence, divergence_args, -100, True, False, "cpu"),
+        (s, t, None, None, 1.5, 0.0, True, 1.0, 0.0, divergence, divergence_args, -100, True, True, "cpu"),
     ]:
         torch.library.opcheck(torch.ops.kdkernels.kd_loss_rows.default, args)
 

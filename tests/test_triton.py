@@ -144,6 +144,43 @@ def test_triton_dkd(vocab, dtype):
         kdk.dkd_loss(student, bad, target.clamp(min=0), backend="triton")
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "akl"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_triton_standardize(divergence, dtype):
+    """standardize=True: the row statistics read, the row sums read (also for forward KL) and the
+    gradient through the mean and std, with a constant row and masked entries."""
+    student = make_logits((2, 3), 700, dtype, seed=19, requires_grad=False, device=DEVICE)
+    teacher = make_logits((2, 3), 700, dtype, seed=20, scale=5.0, requires_grad=False, device=DEVICE)
+    student[0, 0] = 1.0
+    teacher[1, 2, 600:] = float("-inf")
+    target = make_target((2, 3), 700, ignored=True, device=DEVICE)
+    assert_matches_reference(student.requires_grad_(True), teacher.requires_grad_(True), target, backend="triton",
+                             divergence=divergence, temperature=2.0, standardize=True, alpha=0.6,
+                             **DIVERGENCE_CASES[divergence])
+
+
+@pytest.mark.parametrize("shape", [(2, 1), (37, 10), (5, 300), (40, 1000)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_triton_dist(shape, dtype):
+    """DIST's three Triton kernels (row pass, column pass, gradient) against the reference in fp64,
+    with a -inf entry and a partial last block of rows."""
+    student = make_logits(shape[:1], shape[1], dtype, seed=17, requires_grad=False, device=DEVICE)
+    teacher = make_logits(shape[:1], shape[1], dtype, seed=18, requires_grad=False, device=DEVICE)
+    if shape[1] > 1:
+        teacher[-1, 0] = float("-inf")
+    student.requires_grad_(True)
+    loss = kdk.dist_loss(student, teacher, beta=1.5, gamma=0.7, temperature=2.0, backend="triton")
+    (grad,) = torch.autograd.grad(loss, [student])
+    exact_student = student.detach().double().requires_grad_()
+    expected = reference.dist_loss(exact_student, teacher.double(), beta=1.5, gamma=0.7, temperature=2.0)
+    (expected_grad,) = torch.autograd.grad(expected, [exact_student])
+    tolerance = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=max(tolerance, 5e-5) if dtype != torch.float64
+                               else tolerance, atol=1e-5 if dtype != torch.float64 else tolerance)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=tolerance,
+                               atol=tolerance * max(expected_grad.abs().max().item(), 1e-3))
+
+
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
 def test_triton_softcap(divergence):
     student = make_logits((5,), 700, torch.float32, seed=15, scale=6.0, device=DEVICE)

@@ -87,13 +87,14 @@ void launch(KernelArgs<scalar_t, acc_t> args, int64_t rows, bool need_soft, cuda
 KDLossOutputs kd_loss_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                    const std::optional<at::Tensor>& target,
                                    const std::optional<at::Tensor>& row_weight, double temperature, double softcap,
-                                   double soft_weight, double hard_weight, int64_t divergence,
+                                   bool standardize, double soft_weight, double hard_weight, int64_t divergence,
                                    const std::vector<double>& divergence_args, int64_t ignore_index, bool student_grad,
                                    bool teacher_grad) {
   const at::Tensor target_rows =
       check_kd_loss_inputs("kd_loss_forward_cuda", student, teacher, target, row_weight, temperature);
   TORCH_CHECK(student.is_cuda(), "kd_loss_forward_cuda: CUDA tensors expected");
-  TORCH_CHECK_VALUE(softcap == 0, "kd_loss_forward_cuda: softcap runs on the triton and cpu backends");
+  TORCH_CHECK_VALUE(softcap == 0 && !standardize,
+                    "kd_loss_forward_cuda: softcap and standardize run on the triton and cpu backends");
   TORCH_CHECK_VALUE(divergence != static_cast<int64_t>(Divergence::kAdaptiveKL),
                     "kd_loss_forward_cuda: adaptive KL runs on the triton and cpu backends");
   const int64_t rows = student.size(0), vocab = student.size(1);

@@ -43,19 +43,4 @@ def _(student, teacher, target, row_weight, temperature, alpha, beta, ignore_ind
     return student.new_empty(rows, dtype=acc_dtype), student.new_empty(rows if student_grad else 0, vocab)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(output[1])
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_loss: Optional[Tensor], _grad_student_out):
-    if grad_loss is None:
-        return (None,) * 10
-    saved_gradients.check_first_order()
-    (grad_student,) = ctx.saved_tensors
-    grads = saved_gradients.scaled([grad_student if ctx.needs_input_grad[0] else None], grad_loss.unsqueeze(-1))
-    return (*grads,) + (None,) * 9
-
-
-dkd_loss_rows.register_autograd(_backward, setup_context=_setup_context)
+saved_gradients.register_student_gradient_autograd(dkd_loss_rows, num_inputs=10, per_row=True)

@@ -38,7 +38,8 @@ def _project(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
                          teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor],
                          target: Optional[Tensor], row_weight: Optional[Tensor], temperature: float,
-                         softcap: float, soft_weight: float, hard_weight: float, divergence: str, divergence_args: list[float],
+                         softcap: float, standardize: bool, soft_weight: float, hard_weight: float, divergence: str,
+                         divergence_args: list[float],
                          ignore_index: int, chunk_rows: int, student_grad: bool, teacher_grad: bool,
                          backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Sum over rows of kd_loss_rows on (student_hidden @ W_s^T + b_s, teacher_hidden @ W_t^T +
@@ -67,8 +68,8 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, student
         logits_s = _project(h_s, student_weight, student_bias)
         logits_t = _project(h_t, teacher_weight, teacher_bias)
         rows_loss, grad_s, grad_t, rows_status = forward(
-            logits_s, logits_t, None if target is None else target[chunk], row_weight, temperature, softcap, soft_weight,
-            hard_weight, DIVERGENCES[divergence].kernel_id, divergence_args, ignore_index, student_grad, teacher_grad)
+            logits_s, logits_t, None if target is None else target[chunk], row_weight, temperature, softcap, standardize,
+            soft_weight, hard_weight, DIVERGENCES[divergence].kernel_id, divergence_args, ignore_index, student_grad, teacher_grad)
         del logits_s, logits_t
         loss += rows_loss.sum()
         status[chunk] = rows_status
@@ -90,8 +91,8 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, student
 
 @fused_linear_kd_loss.register_fake
 def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, target, row_weight,
-      temperature, softcap, soft_weight, hard_weight, divergence, divergence_args, ignore_index, chunk_rows, student_grad,
-      teacher_grad, backend):
+      temperature, softcap, standardize, soft_weight, hard_weight, divergence, divergence_args, ignore_index, chunk_rows,
+      student_grad, teacher_grad, backend):
     acc_dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
 
     def grads_like(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], wanted: bool) -> list[Tensor]:
@@ -114,11 +115,11 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_loss: Optional[Tensor], *_grad_outputs):
     if grad_loss is None:
-        return (None,) * 19
+        return (None,) * 20
     saved_gradients.check_first_order()
     # A gradient the forward was not asked for (or of an absent bias) is saved empty.
     grads = [grad if needed and grad.numel() else None for grad, needed in zip(ctx.saved_tensors, ctx.needs_input_grad)]
-    return (*saved_gradients.scaled(grads, grad_loss),) + (None,) * 13
+    return (*saved_gradients.scaled(grads, grad_loss),) + (None,) * 14
 
 
 fused_linear_kd_loss.register_autograd(_backward, setup_context=_setup_context)

@@ -87,25 +87,26 @@ def kernel(backend: str) -> Callable[..., KernelOutputs]:
 
 @torch.library.custom_op("kdkernels::kd_loss_rows", mutates_args=())
 def kd_loss_rows(student: Tensor, teacher: Tensor, target: Optional[Tensor], row_weight: Optional[Tensor],
-                 temperature: float, softcap: float, soft_weight: float, hard_weight: float, divergence: str,
-                 divergence_args: list[float], ignore_index: int, student_grad: bool, teacher_grad: bool,
-                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                 temperature: float, softcap: float, standardize: bool, soft_weight: float, hard_weight: float,
+                 divergence: str, divergence_args: list[float], ignore_index: int, student_grad: bool,
+                 teacher_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Row losses ``row_weight * (soft_weight * D + hard_weight * CE)`` of [N, V] logits (0 at
     rows whose target is ignore_index), and their gradients (empty [0, V] when not asked for).
     row_weight (a 0-d tensor, e.g. 1 / number of rows for a mean; None for 1) is folded into
     the kernel, so that the common backward from a plain sum needs no pass over the gradients.
     divergence_args: the values of the divergence's keywords (DIVERGENCES); softcap > 0 gives the
-    soft term softcap * tanh(z / softcap) of both logits (0: off)."""
+    soft term softcap * tanh(z / softcap) of both logits (0: off); standardize gives it each row of
+    both as (z - mean) / (std + 1e-7)."""
     loss, grad_student, grad_teacher, status = kernel(backend)(
-        student, teacher, target, row_weight, temperature, softcap, soft_weight, hard_weight,
+        student, teacher, target, row_weight, temperature, softcap, standardize, soft_weight, hard_weight,
         DIVERGENCES[divergence].kernel_id, divergence_args, ignore_index, student_grad, teacher_grad)
     raise_for_status(status, target, student.shape[1], ignore_index)
     return loss, grad_student, grad_teacher
 
 
 @kd_loss_rows.register_fake
-def _(student, teacher, target, row_weight, temperature, softcap, soft_weight, hard_weight, divergence, divergence_args,
-      ignore_index, student_grad, teacher_grad, backend):
+def _(student, teacher, target, row_weight, temperature, softcap, standardize, soft_weight, hard_weight, divergence,
+      divergence_args, ignore_index, student_grad, teacher_grad, backend):
     rows, vocab = student.shape
     acc_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     return (student.new_empty(rows, dtype=acc_dtype),
@@ -122,10 +123,10 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_loss: Optional[Tensor], _grad_student_out, _grad_teacher_out):
     if grad_loss is None:  # the row losses did not reach the differentiated output
-        return (None,) * 14
+        return (None,) * 15
     saved_gradients.check_first_order()
     grads = [grad if needed else None for grad, needed in zip(ctx.saved_tensors, ctx.needs_input_grad[:2])]
-    return (*saved_gradients.scaled(grads, grad_loss.unsqueeze(-1)),) + (None,) * 12
+    return (*saved_gradients.scaled(grads, grad_loss.unsqueeze(-1)),) + (None,) * 13
 
 
 kd_loss_rows.register_autograd(_backward, setup_context=_setup_context)

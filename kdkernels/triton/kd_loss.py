@@ -63,8 +63,9 @@ def divergence_params(divergence: int, args: list[float], acc_dtype: torch.dtype
     def inverse(x: float) -> float:
         return 1.0 / x if x else math.inf
 
+    head_mass = args[0] if divergence == ADAPTIVE_KL else 0.0
     return (*mixture, alpha, beta, inverse(alpha), inverse(beta), inverse(alpha + beta), coefficients[order[1]] - lowest,
-            coefficients[order[2]] - lowest, order[0], order[1], args[0] if divergence == ADAPTIVE_KL else 0.0)
+            coefficients[order[2]] - lowest, order[0], order[1], head_mass)
 
 
 @triton.jit
@@ -189,7 +190,7 @@ def _row_sums(lse_a, lse_b, mass_a, logratio_a, mass_b, logratio_b, weight, comp
 
 
 @triton.jit
-def _head_cut(t_row, V, inv_t, softcap, m_b, logz_b, mu, SOFTCAP: tl.constexpr, ACC: tl.constexpr,
+def _head_cut(t_row, V, center, scale, softcap, m_b, logz_b, mu, SOFTCAP: tl.constexpr, ACC: tl.constexpr,
               BLOCK: tl.constexpr, BUCKETS: tl.constexpr):
     """Adaptive KL's head without sorting, with the rule of set_adaptive_weights in
     csrc/cpu/kd_loss_cpu.cpp: the teacher values b with b > cut (b >= cut if inclusive), plus the
@@ -214,7 +215,7 @@ def _head_cut(t_row, V, inv_t, softcap, m_b, logz_b, mu, SOFTCAP: tl.constexpr, 
         span = hi - map_lo
         for start in range(0, V, BLOCK):
             offs = start + cols
-            b = _soft(tl.load(t_row + offs, mask=offs < V, other=neg_inf).to(ACC), inv_t, softcap, SOFTCAP)
+            b = _load_soft(t_row + offs, offs < V, center, scale, softcap, SOFTCAP, ACC)
             candidate = (b >= lo) & (b <= hi) & (b > neg_inf)
             position = tl.minimum(tl.maximum((b - map_lo) / span * BUCKETS, 0.0), BUCKETS - 1)
             hit = (tl.where(candidate, position.to(tl.int32), -1)[:, None] == buckets[None, :])
@@ -257,13 +258,46 @@ def _tanh(x):
 
 
 @triton.jit
-def _soft(x, inv_t, softcap, SOFTCAP: tl.constexpr):
-    """The soft term's view of logits x: x / T, or softcap * tanh(x / softcap) / T (values that
-    are not finite pass through: -inf stays masked, NaN and +inf are still found)."""
+def _soft(x, center, scale, softcap, SOFTCAP: tl.constexpr):
+    """The soft term's view of logits x: (x - center) * scale, with center = 0 and scale = 1 / T or
+    the row's standardize view; with softcap, softcap * tanh(x / softcap) / T (values that are not
+    finite pass through: -inf stays masked, NaN and +inf are still found)."""
     if SOFTCAP:
         finite = tl.abs(x) <= 3.0e38
         x = tl.where(finite, softcap * _tanh(tl.where(finite, x, 0.0) / softcap), x)
-    return x * inv_t
+    return (x - center) * scale
+
+
+@triton.jit
+def _load_soft(pointer, mask, center, scale, softcap, SOFTCAP: tl.constexpr, ACC: tl.constexpr):
+    """_soft of the logits at pointer (-inf where mask is off)."""
+    return _soft(tl.load(pointer, mask=mask, other=float("-inf")).to(ACC), center, scale, softcap, SOFTCAP)
+
+
+@triton.jit
+def _standardized(row, V, inv_t, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """(center, scale, count, std) of a row for standardize: mean and unbiased std of its finite
+    entries (each block's two-pass moments merged by Chan's formula; std 0 below two entries) and
+    scale = 1 / (T (std + 1e-7))."""
+    cols = tl.arange(0, BLOCK)
+    count = tl.zeros((), ACC)
+    mean = tl.zeros((), ACC)
+    m2 = tl.zeros((), ACC)
+    for start in range(0, V, BLOCK):
+        offs = start + cols
+        x = tl.load(row + offs, mask=offs < V, other=float("-inf")).to(ACC)
+        finite = (x > float("-inf")) & (x < float("inf"))
+        n = tl.sum(finite.to(ACC))
+        block_mean = tl.sum(tl.where(finite, x, 0.0)) / tl.maximum(n, 1.0)
+        d = tl.where(finite, x - block_mean, 0.0)
+        total = count + n
+        share = tl.where(total > 0, n / tl.maximum(total, 1.0), 0.0)
+        delta = block_mean - mean
+        mean += delta * share
+        m2 += tl.sum(d * d) + delta * delta * count * share
+        count = total
+    std = tl.where(count > 1, tl.sqrt(m2 / tl.maximum(count - 1, 1.0)), 0.0)
+    return mean, inv_t / (std + 1e-7), count, std
 
 
 @triton.jit
@@ -294,8 +328,8 @@ def _kd_loss_kernel(
     ab_inv_sum, ab_offset_middle, ab_spread, ab_lowest, ab_middle, head_mass,
     HAS_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEED_SOFT: tl.constexpr, SEPARATE_CE: tl.constexpr,
     STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr, DIVERGENCE: tl.constexpr,
-    SUMS_FROM_STATS: tl.constexpr, TERMS: tl.constexpr, SOFTCAP: tl.constexpr, ACC: tl.constexpr,
-    BLOCK: tl.constexpr, HEAD_BLOCK: tl.constexpr = 256, HEAD_BUCKETS: tl.constexpr = 32,
+    SUMS_FROM_STATS: tl.constexpr, TERMS: tl.constexpr, SOFTCAP: tl.constexpr, STANDARDIZE: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr, HEAD_BLOCK: tl.constexpr = 256, HEAD_BUCKETS: tl.constexpr = 32,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = S + row * s_stride
@@ -306,6 +340,14 @@ def _kd_loss_kernel(
         weight = tl.load(W).to(ACC)
         soft_weight = soft_weight * weight
         hard_weight = hard_weight * weight
+    # Read 0, with standardize: each row's mean and std (the soft view (x - center) * scale).
+    zero = tl.zeros((), ACC)
+    center_a, scale_a, count_a, std_a = zero, zero + inv_t, zero, zero
+    center_b, scale_b, count_b, std_b = zero, zero + inv_t, zero, zero
+    if STANDARDIZE:
+        center_a, scale_a, count_a, std_a = _standardized(s_row, V, inv_t, ACC, BLOCK)
+        if NEED_SOFT:
+            center_b, scale_b, count_b, std_b = _standardized(t_row, V, inv_t, ACC, BLOCK)
 
     ignored = False
     status = 0
@@ -315,8 +357,7 @@ def _kd_loss_kernel(
         ignored = y == ignore_index
         status = tl.where((y < 0) | (y >= V), _TARGET_OUT_OF_RANGE, 0)
 
-    # Read 1: statistics. a = student / T, b = teacher / T, c = student.
-    zero = tl.zeros((), ACC)
+    # Read 1: statistics. a = student / T, b = teacher / T (or their standardize views), c = student.
     m_a, z_a, mass_a, lr_a = zero + neg_inf, zero, zero, zero
     m_b, z_b, mass_b, lr_b = zero + neg_inf, zero, zero, zero
     m_c, z_c = zero + neg_inf, zero
@@ -324,24 +365,23 @@ def _kd_loss_kernel(
     bad_t = 0
     # Row anchors (csrc/divergences.h, SupportStats): max of the first 16 entries, 0 if all -inf.
     head = tl.arange(0, 16)
-    anchor_a = tl.max(_soft(tl.load(s_row + head, mask=head < V, other=neg_inf).to(ACC), inv_t, softcap, SOFTCAP))
+    anchor_a = tl.max(_load_soft(s_row + head, head < V, center_a, scale_a, softcap, SOFTCAP, ACC))
     anchor_a = tl.where(anchor_a == neg_inf, 0.0, anchor_a)
     anchor_b = zero
     if NEED_SOFT:
-        anchor_b = tl.max(_soft(tl.load(t_row + head, mask=head < V, other=neg_inf).to(ACC), inv_t, softcap,
-                                 SOFTCAP))
+        anchor_b = tl.max(_load_soft(t_row + head, head < V, center_b, scale_b, softcap, SOFTCAP, ACC))
         anchor_b = tl.where(anchor_b == neg_inf, 0.0, anchor_b)
     for start in range(0, V, BLOCK):
         offs = start + cols
         inside = offs < V
         c = tl.load(s_row + offs, mask=inside, other=neg_inf).to(ACC)
-        a = _soft(c, inv_t, softcap, SOFTCAP)
+        a = _soft(c, center_a, scale_a, softcap, SOFTCAP)
         bad_s += tl.sum(((a != a) | (a == float("inf"))).to(tl.int32))
         m_a, offset_a, rescale_a = _merge(m_a, tl.max(a))
         ea = tl.exp(a - offset_a)
         z_a = z_a * rescale_a + tl.sum(ea)
         if NEED_SOFT:
-            b = _soft(tl.load(t_row + offs, mask=inside, other=neg_inf).to(ACC), inv_t, softcap, SOFTCAP)
+            b = _load_soft(t_row + offs, inside, center_b, scale_b, softcap, SOFTCAP, ACC)
             bad_t += tl.sum(((b != b) | (b == float("inf"))).to(tl.int32))
             m_b, offset_b, rescale_b = _merge(m_b, tl.max(b))
             eb = tl.exp(b - offset_b)
@@ -388,20 +428,21 @@ def _kd_loss_kernel(
     value = zero
     sum_d_student = zero
     sum_d_teacher = zero
+    moment_a, mean_a, moment_b, mean_b = zero, zero, zero, zero  # standardize: sum d a, sum q a; the same for b
     if NEED_SOFT:
         if DIVERGENCE == 7:  # adaptive KL: the row's weights of forward and reverse KL
             mix_weight = zero + 0.5
             mix_complement = zero + 0.5
             if live:
-                cut, inclusive = _head_cut(t_row, V, inv_t, softcap, m_b, logz_b, head_mass, SOFTCAP, ACC, HEAD_BLOCK,
-                                           HEAD_BUCKETS)
+                cut, inclusive = _head_cut(t_row, V, center_b, scale_b, softcap, m_b, logz_b, head_mass, SOFTCAP, ACC,
+                                           HEAD_BLOCK, HEAD_BUCKETS)
                 g_head = zero
                 g_tail = zero
                 for start in range(0, V, BLOCK):
                     offs = start + cols
                     inside = offs < V
-                    a = _soft(tl.load(s_row + offs, mask=inside, other=neg_inf).to(ACC), inv_t, softcap, SOFTCAP)
-                    b = _soft(tl.load(t_row + offs, mask=inside, other=neg_inf).to(ACC), inv_t, softcap, SOFTCAP)
+                    a = _load_soft(s_row + offs, inside, center_a, scale_a, softcap, SOFTCAP, ACC)
+                    b = _load_soft(t_row + offs, inside, center_b, scale_b, softcap, SOFTCAP, ACC)
                     shared = (a > neg_inf) & (b > neg_inf)
                     error = tl.where(shared, tl.abs(tl.exp((b - m_b) - logz_b) - tl.exp((a - m_a) - logz_a)), 0.0)
                     head = tl.where(inclusive == 1, b >= cut, b > cut) | (b == m_b)
@@ -417,8 +458,8 @@ def _kd_loss_kernel(
             for start in range(0, V, BLOCK):
                 offs = start + cols
                 inside = offs < V
-                a = _soft(tl.load(s_row + offs, mask=inside, other=neg_inf).to(ACC), inv_t, softcap, SOFTCAP)
-                b = _soft(tl.load(t_row + offs, mask=inside, other=neg_inf).to(ACC), inv_t, softcap, SOFTCAP)
+                a = _load_soft(s_row + offs, inside, center_a, scale_a, softcap, SOFTCAP, ACC)
+                b = _load_soft(t_row + offs, inside, center_b, scale_b, softcap, SOFTCAP, ACC)
                 shared = (a > neg_inf) & (b > neg_inf)
                 lq = tl.where(shared, (a - m_a) - logz_a, 0.0)
                 lp = tl.where(shared, (b - m_b) - logz_b, 0.0)
@@ -428,6 +469,13 @@ def _kd_loss_kernel(
                 value += tl.sum(tl.where(shared, v, 0.0))
                 sum_d_student += tl.sum(tl.where(shared, ds, 0.0))
                 sum_d_teacher += tl.sum(tl.where(shared, dt, 0.0))
+                if STANDARDIZE:
+                    a_finite = tl.where(a > neg_inf, a, 0.0)
+                    b_finite = tl.where(b > neg_inf, b, 0.0)
+                    moment_a += tl.sum(tl.where(shared, ds * a_finite, 0.0))
+                    mean_a += tl.sum(tl.exp((a - m_a) - logz_a) * a_finite)
+                    moment_b += tl.sum(tl.where(shared, dt * b_finite, 0.0))
+                    mean_b += tl.sum(tl.exp((b - m_b) - logz_b) * b_finite)
     loss = soft_weight * value
     if HAS_TARGET:
         loss += tl.where(hard_weight != 0, hard_weight * ce, 0.0)  # the CE term off: ce may be inf
@@ -436,13 +484,17 @@ def _kd_loss_kernel(
 
     # Read 3: gradients of the row loss.
     if STUDENT_GRAD or TEACHER_GRAD:
-        soft_scale = soft_weight * inv_t
+        # Standardize's term through the mean and std (csrc/cpu/kd_loss_cpu.cpp, standardize_coupling).
+        coupling_a = tl.where((count_a > 1) & (std_a > 0), soft_weight * (moment_a - sum_d_student * mean_a) /
+                              (inv_t * tl.maximum(count_a - 1, 1.0) * tl.where(std_a > 0, std_a, 1.0)), 0.0)
+        coupling_b = tl.where((count_b > 1) & (std_b > 0), soft_weight * (moment_b - sum_d_teacher * mean_b) /
+                              (inv_t * tl.maximum(count_b - 1, 1.0) * tl.where(std_b > 0, std_b, 1.0)), 0.0)
         ce_weight = tl.where(HAS_TARGET, hard_weight, 0.0)
         for start in range(0, V, BLOCK):
             offs = start + cols
             inside = offs < V
             c = tl.load(s_row + offs, mask=inside, other=neg_inf).to(ACC)
-            a = _soft(c, inv_t, softcap, SOFTCAP)
+            a = _soft(c, center_a, scale_a, softcap, SOFTCAP)
             q = tl.exp((a - m_a) - logz_a)
             if SEPARATE_CE:
                 grad_s = ce_weight * tl.exp((c - m_c) - logz_c)
@@ -451,7 +503,7 @@ def _kd_loss_kernel(
             grad_s = tl.where(offs == y, grad_s - ce_weight, grad_s)
             grad_t = tl.zeros((BLOCK,), ACC)
             if NEED_SOFT:
-                b = _soft(tl.load(t_row + offs, mask=inside, other=neg_inf).to(ACC), inv_t, softcap, SOFTCAP)
+                b = _load_soft(t_row + offs, inside, center_b, scale_b, softcap, SOFTCAP, ACC)
                 p = tl.exp((b - m_b) - logz_b)
                 shared = (a > neg_inf) & (b > neg_inf)
                 lq = tl.where(shared, (a - m_a) - logz_a, 0.0)
@@ -459,10 +511,10 @@ def _kd_loss_kernel(
                 v, ds, dt = _terms(lp, lq, p, q, mix_weight, mix_complement, log_mix_weight, log_mix_complement,
                                    ab_alpha, ab_beta, ab_inv_alpha, ab_inv_beta, ab_inv_sum, ab_offset_middle,
                                    ab_spread, ab_lowest, ab_middle, DIVERGENCE, TERMS)
-                grad_s += soft_scale * (tl.where(shared, ds, 0.0) - q * sum_d_student) * _softcap_slope(
-                    a, cap_scale, SOFTCAP)
-                grad_t = soft_scale * (tl.where(shared, dt, 0.0) - p * sum_d_teacher) * _softcap_slope(
-                    b, cap_scale, SOFTCAP)
+                grad_s += soft_weight * scale_a * (tl.where(shared, ds, 0.0) - q * sum_d_student) * _softcap_slope(
+                    a, cap_scale, SOFTCAP) - tl.where(a > neg_inf, coupling_a * a, 0.0)
+                grad_t = soft_weight * scale_b * (tl.where(shared, dt, 0.0) - p * sum_d_teacher) * _softcap_slope(
+                    b, cap_scale, SOFTCAP) - tl.where(b > neg_inf, coupling_b * b, 0.0)
             if STUDENT_GRAD:
                 tl.store(GS + row * V + offs, tl.where(live, grad_s, 0.0).to(GS.dtype.element_ty), mask=inside)
             if TEACHER_GRAD:
@@ -480,16 +532,14 @@ def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
 
 
 _tuned_kernel = triton.autotune(configs=_CONFIGS, key=["v_bucket", "NEED_SOFT", "SEPARATE_CE", "STUDENT_GRAD", "SOFTCAP",
-                                                       "TEACHER_GRAD", "DIVERGENCE"],
+                                                       "STANDARDIZE", "TEACHER_GRAD", "DIVERGENCE"],
                                 prune_configs_by={"early_config_prune": _prune_configs})(_kd_loss_kernel)
 
 
 def kd_loss_forward_triton(student: Tensor, teacher: Tensor, target: Optional[Tensor], row_weight: Optional[Tensor],
-                           temperature: float, softcap: float, soft_weight: float, hard_weight: float,
-                           divergence: int,
-                           divergence_args: list[float],
-                           ignore_index: int, student_grad: bool, teacher_grad: bool
-                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                           temperature: float, softcap: float, standardize: bool, soft_weight: float,
+                           hard_weight: float, divergence: int, divergence_args: list[float], ignore_index: int,
+                           student_grad: bool, teacher_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The kd_loss contract of csrc/kd_loss.h, with the row weight (a 0-d tensor or None)
     read on the device. Inputs [N, V] with unit stride along V."""
     rows, vocab = student.shape
@@ -507,10 +557,10 @@ def kd_loss_forward_triton(student: Tensor, teacher: Tensor, target: Optional[Te
             soft_weight, hard_weight, ignore_index,
             *divergence_params(divergence, divergence_args, acc_dtype))
     flags = dict(HAS_TARGET=has_target, HAS_WEIGHT=row_weight is not None, NEED_SOFT=soft_weight != 0,
-                 SEPARATE_CE=has_target and hard_weight != 0 and (temperature != 1.0 or softcap != 0),
+                 SEPARATE_CE=has_target and hard_weight != 0 and (temperature != 1.0 or softcap != 0 or standardize),
                  STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad, DIVERGENCE=divergence,
-                 SUMS_FROM_STATS=divergence in SUMS_FROM_STATS,
-                 TERMS=17 if acc_dtype == torch.float64 else 8, SOFTCAP=softcap != 0,
+                 SUMS_FROM_STATS=divergence in SUMS_FROM_STATS and not standardize,
+                 TERMS=17 if acc_dtype == torch.float64 else 8, SOFTCAP=softcap != 0, STANDARDIZE=standardize,
                  ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32)
     if interpreting():
         block = min(max(triton.next_power_of_2(vocab), 16), 1024)

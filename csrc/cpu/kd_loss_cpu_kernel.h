@@ -1,0 +1,567 @@
+// CPU kernel of kd_loss, included by the kd_loss_cpu_part*.cpp files that instantiate it. Rows are spread over threads with at::parallel_for; each row is read
+// in chunks small enough for L1, converted to the accumulation type once per read.
+//   read 1: online (max, sum) statistics of student/T, teacher/T and, for the CE term at
+//           T != 1, student; for kSumsFromStats divergences also the support sums.
+//   read 2: only for divergences without kSumsFromStats: row sums of the divergence terms;
+//           for adaptive KL, the head search (set_adaptive_weights: a read of both rows and
+//           one or two of the teacher) that weights its two KL terms.
+//   read 3: the gradients (skipped when no gradient is wanted).
+// The inner loops are plain element loops that the compiler vectorises (omp simd); the
+// kernel is cloned per x86 ISA level and picked at load time.
+#pragma once
+
+#include "../divergences.h"
+#include "../row_status.h"
+#include "cpu_common.h"
+#include "kd_loss_cpu.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+namespace kdkernels {
+namespace cpu {
+
+template <typename scalar_t, typename acc_t>
+struct RowArgs {
+  const scalar_t* student;
+  const scalar_t* teacher;
+  int64_t student_stride, teacher_stride;
+  const int64_t* target;  // nullptr without target
+  acc_t* loss;
+  scalar_t* grad_student;  // [N, V] contiguous, or nullptr
+  scalar_t* grad_teacher;
+  int8_t* status;
+  int64_t vocab, ignore_index;
+  acc_t inv_temperature, soft_weight, hard_weight;
+  bool unit_temperature;
+  acc_t softcap;    // the soft term sees softcap * tanh(x / softcap); 0: off
+  acc_t cap_scale;  // 1 / (softcap / T), so that tanh(x / softcap) = a * cap_scale; 0: off
+  bool standardize;  // the soft term sees (x - mean) / (std + 1e-7) of each row (not with softcap)
+  DivergenceParams<acc_t> params;
+};
+
+// The soft term's view of one input's row: a = (x - center) * scale, then softcap if set. center
+// = 0 and scale = 1 / T, or with standardize the row's mean and 1 / (T (std + 1e-7)); `coupling`
+// is the standardize gradient's term through the mean and std (set after the row sums).
+template <typename acc_t>
+struct SoftView {
+  acc_t center, scale, count, std, coupling;
+};
+
+// The soft term's view of n logits: x / T, or softcap * tanh(x / softcap) / T (values that are not
+// finite pass through, so that -inf stays masked and NaN or +inf are still found).
+template <typename scalar_t, typename acc_t>
+KD_INLINE void load_soft(const RowArgs<scalar_t, acc_t>& args, const SoftView<acc_t>& view, const scalar_t* src,
+                         int64_t n, acc_t* dst) {
+  using Math = MathFor<acc_t>;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = (static_cast<acc_t>(src[i]) - view.center) * view.scale;
+  if (args.softcap == 0) return;
+  const acc_t inv_cap = acc_t(1) / args.softcap, cap_over_t = args.softcap * args.inv_temperature;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t x = static_cast<acc_t>(src[i]);
+    const bool finite = x <= std::numeric_limits<acc_t>::max() && x >= -std::numeric_limits<acc_t>::max();
+    dst[i] = finite ? cap_over_t * Math::tanh(x * inv_cap) : dst[i];
+  }
+}
+
+// d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2, from the soft value a; 1 without softcap, 0
+// at masked entries.
+template <typename acc_t>
+KD_INLINE acc_t softcap_slope(acc_t a, acc_t cap_scale) {
+  const acc_t t = a * cap_scale;
+  return t * t < acc_t(1) ? acc_t(1) - t * t : acc_t(0);
+}
+
+// Both inputs' exp sums plus the support sums (entries finite in both): mass and
+// mass-weighted log-ratio of anchored values for each side (SupportStats).
+template <typename acc_t>
+KD_INLINE void accumulate_exp_with_support(const acc_t* a, const acc_t* b, int64_t n, acc_t max_a,
+                                           acc_t max_b, acc_t anchor_a, acc_t anchor_b,
+                                           OnlineSide<acc_t>& side_a, OnlineSide<acc_t>& side_b) {
+  using Math = MathFor<acc_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t off_a = exp_offset(max_a), off_b = exp_offset(max_b);
+  acc_t sum_a = 0, sum_b = 0, mass_a = 0, mass_b = 0, lr_a = 0, lr_b = 0;
+#pragma omp simd reduction(+ : sum_a, sum_b, mass_a, mass_b, lr_a, lr_b)
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t ea = Math::exp(a[i] - off_a), eb = Math::exp(b[i] - off_b);
+    const bool shared = (a[i] > kNegInf) & (b[i] > kNegInf);
+    const acc_t diff = shared ? (a[i] - anchor_a) - (b[i] - anchor_b) : acc_t(0);
+    sum_a += ea;
+    sum_b += eb;
+    mass_a += shared ? ea : acc_t(0);
+    mass_b += shared ? eb : acc_t(0);
+    lr_a += ea * diff;
+    lr_b -= eb * diff;
+  }
+  side_a.merge(max_a, sum_a, mass_a, lr_a);
+  side_b.merge(max_b, sum_b, mass_b, lr_b);
+}
+
+// The anchor of a row (SupportStats): the max of the soft values of its first kAnchorEntries
+// entries, or 0 if they are all -inf.
+template <typename scalar_t, typename acc_t>
+KD_INLINE acc_t row_anchor(const RowArgs<scalar_t, acc_t>& args, const SoftView<acc_t>& view, const scalar_t* x) {
+  acc_t head[kAnchorEntries];
+  const int64_t n = std::min<int64_t>(args.vocab, kAnchorEntries);
+  load_soft(args, view, x, n, head);
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = head[j] > m ? head[j] : m;
+  return exp_offset(m);
+}
+
+// The standardize view of a row x: mean and unbiased std over its finite entries (each chunk's
+// two-pass moments merged by Chan's formula), std = 0 below two entries. One read of the row.
+template <typename scalar_t, typename acc_t>
+KD_INLINE SoftView<acc_t> standardized_view(const RowArgs<scalar_t, acc_t>& args, const scalar_t* x, acc_t* buffer) {
+  constexpr acc_t kMax = std::numeric_limits<acc_t>::max();
+  acc_t count = 0, mean = 0, m2 = 0;
+  for (int64_t j0 = 0; j0 < args.vocab; j0 += kChunk) {
+    const int64_t n = std::min(kChunk, args.vocab - j0);
+    load_scaled(x + j0, n, acc_t(1), buffer);
+    acc_t chunk_count = 0, sum = 0;
+#pragma omp simd reduction(+ : chunk_count, sum)
+    for (int64_t i = 0; i < n; ++i) {
+      const bool finite = buffer[i] <= kMax && buffer[i] >= -kMax;
+      chunk_count += finite ? acc_t(1) : acc_t(0);
+      sum += finite ? buffer[i] : acc_t(0);
+    }
+    if (chunk_count == 0) continue;
+    const acc_t chunk_mean = sum / chunk_count;
+    acc_t chunk_m2 = 0;
+#pragma omp simd reduction(+ : chunk_m2)
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t d = buffer[i] <= kMax && buffer[i] >= -kMax ? buffer[i] - chunk_mean : acc_t(0);
+      chunk_m2 += d * d;
+    }
+    const acc_t total = count + chunk_count, delta = chunk_mean - mean;
+    mean += delta * (chunk_count / total);
+    m2 += chunk_m2 + delta * delta * (count * chunk_count / total);
+    count = total;
+  }
+  const acc_t std = count > 1 ? std::sqrt(m2 / (count - 1)) : acc_t(0);
+  return {mean, args.inv_temperature / (std + acc_t(1e-7)), count, std, 0};
+}
+
+template <typename scalar_t, typename acc_t>
+KD_INLINE void finish_without_loss(const RowArgs<scalar_t, acc_t>& args, int64_t row, RowStatus status) {
+  args.status[row] = status;
+  args.loss[row] = 0;
+  if (args.grad_student) std::fill_n(args.grad_student + row * args.vocab, args.vocab, scalar_t(0));
+  if (args.grad_teacher) std::fill_n(args.grad_teacher + row * args.vocab, args.vocab, scalar_t(0));
+}
+
+constexpr int kHeadBuckets = 2048;
+constexpr double kHeadSearchRange = 40;  // the first pass buckets [max - 40, max]; below is one bucket
+
+// Teacher mass and |p - q| (over entries finite in both) of the candidates of one head-search
+// pass, by bucket of the teacher value b; from the second pass on, also each bucket's min and max b.
+template <typename acc_t>
+struct HeadBuckets {
+  acc_t mass[kHeadBuckets], error[kHeadBuckets], low[kHeadBuckets], high[kHeadBuckets];
+
+  void clear() {
+    std::fill_n(mass, kHeadBuckets, acc_t(0));
+    std::fill_n(error, kHeadBuckets, acc_t(0));
+    std::fill_n(low, kHeadBuckets, std::numeric_limits<acc_t>::infinity());
+    std::fill_n(high, kHeadBuckets, -std::numeric_limits<acc_t>::infinity());
+  }
+  // The bucket where the teacher mass from the top bucket down passes mu (-1 if none), adding
+  // the mass above it to `above` and the errors above and below it to head and tail.
+  int crossing(acc_t mu, acc_t& above, acc_t& head, acc_t& tail) const {
+    int k = kHeadBuckets - 1;
+    for (; k >= 0 && !(above + mass[k] > mu); --k) {
+      above += mass[k];
+      head += error[k];
+    }
+    for (int j = 0; j < k; ++j) tail += error[j];
+    return k;
+  }
+};
+
+template <typename acc_t>
+KD_INLINE int32_t head_bucket(acc_t b, acc_t map_lo, acc_t span) {
+  return static_cast<int32_t>(std::min(std::max((b - map_lo) / span * kHeadBuckets, acc_t(0)),
+                                       acc_t(kHeadBuckets - 1)));
+}
+
+// Adaptive KL's per-row weights g_head / (g_head + g_tail) and g_tail / (g_head + g_tail), with
+// g = sum |p - q| over the head (the largest teacher values whose cumulative probability is
+// <= mu, a tie group that would pass mu is tail, the top value always head) and the tail; 1/2
+// each where p == q everywhere. The head is found without sorting: each pass buckets the
+// candidate teacher values by value, with the mass and the error of each bucket; the bucket
+// where the cumulative mass from the top passes mu holds the cut, and its values are the next
+// pass's candidates, until they are one value. Buckets are monotone in b, so a pass keeps
+// exactly one bucket's entries. Pass 1 reads both rows (every p, q); pass 2 keeps the entries of
+// pass 1's bucket (same mapping), later passes those within [min, max] of the previous bucket,
+// and compute p and q for their few candidates only. The first range is 40 wide (all the mass
+// of a row lies within 40 of its max at any V below 2^40): the cut is found in 2 or 3 passes.
+template <typename scalar_t, typename acc_t>
+KD_INLINE void set_adaptive_weights(const RowArgs<scalar_t, acc_t>& args, const SoftView<acc_t>& view_a,
+                                    const SoftView<acc_t>& view_b, const scalar_t* student, const scalar_t* teacher,
+                                    const LogNormaliser<acc_t>& norm_a, const LogNormaliser<acc_t>& norm_b,
+                                    DivergenceParams<acc_t>& params, acc_t* a, acc_t* b, acc_t* c) {
+  using Math = MathFor<acc_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t mu = args.params.head_mass, top = norm_b.max;
+  HeadBuckets<acc_t> buckets;
+  int32_t bucket[kChunk];
+  const auto error_of = [&](acc_t x, acc_t y) {  // |p - q| of student value x and teacher value y
+    const acc_t gap = Math::exp(norm_b.log_prob(y)) - Math::exp(norm_a.log_prob(x));
+    return (x > kNegInf) & (y > kNegInf) ? (gap < 0 ? -gap : gap) : acc_t(0);
+  };
+
+  // Pass 1: every finite teacher value, over [first_lo, top] (a logit range wider than 40 where
+  // 40 is below the spacing of the values).
+  const acc_t first_lo = top - std::max(acc_t(kHeadSearchRange), std::abs(top) * acc_t(1e-3));
+  const acc_t first_span = top - first_lo;
+  buckets.clear();
+  for (int64_t j0 = 0; j0 < args.vocab; j0 += kChunk) {
+    const int64_t n = std::min(kChunk, args.vocab - j0);
+    load_soft(args, view_a, student + j0, n, a);
+    load_soft(args, view_b, teacher + j0, n, b);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      c[i] = error_of(a[i], b[i]);
+      a[i] = Math::exp(norm_b.log_prob(b[i]));
+      bucket[i] = b[i] > kNegInf ? head_bucket(b[i], first_lo, first_span) : -1;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t k = bucket[i];
+      if (k < 0) continue;
+      buckets.mass[k] += a[i];
+      buckets.error[k] += c[i];
+    }
+  }
+  acc_t above = 0, g_head = 0, g_tail = 0;
+  const int first = buckets.crossing(mu, above, g_head, g_tail);
+  if (first < 0) {  // every finite entry fits (possible only through rounding)
+    for (int k = 0; k < kHeadBuckets; ++k) g_head += buckets.error[k];
+  }
+  // Later passes: the candidates, and the range their buckets split.
+  acc_t lo = 0, hi = 0, map_lo = first_lo + first_span * first / kHeadBuckets, span = first_span / kHeadBuckets;
+  for (int pass = 2; first >= 0; ++pass) {
+    buckets.clear();
+    for (int64_t j0 = 0; j0 < args.vocab; j0 += kChunk) {
+      const int64_t n = std::min(kChunk, args.vocab - j0);
+      load_soft(args, view_b, teacher + j0, n, b);
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        const bool candidate = pass == 2 ? (b[i] > kNegInf) & (head_bucket(b[i], first_lo, first_span) == first)
+                                         : (b[i] >= lo) & (b[i] <= hi);
+        bucket[i] = candidate ? head_bucket(b[i], map_lo, span) : -1;
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const int32_t k = bucket[i];
+        if (k < 0) continue;
+        acc_t x;
+        load_soft(args, view_a, student + j0 + i, 1, &x);
+        buckets.mass[k] += Math::exp(norm_b.log_prob(b[i]));
+        buckets.error[k] += error_of(x, b[i]);
+        buckets.low[k] = std::min(buckets.low[k], b[i]);
+        buckets.high[k] = std::max(buckets.high[k], b[i]);
+      }
+    }
+    const int k = buckets.crossing(mu, above, g_head, g_tail);
+    if (k < 0) {  // every candidate fits
+      for (int j = 0; j < kHeadBuckets; ++j) g_head += buckets.error[j];
+      break;
+    }
+    if (buckets.low[k] == buckets.high[k]) {  // one value: a tie group, head only if it is the top
+      (buckets.low[k] == top ? g_head : g_tail) += buckets.error[k];
+      break;
+    }
+    lo = map_lo = buckets.low[k];
+    hi = buckets.high[k];
+    span = hi - lo;
+  }
+  const acc_t total = g_head + g_tail;
+  params.weight = total > 0 ? g_head / total : acc_t(0.5);
+  params.complement = total > 0 ? g_tail / total : acc_t(0.5);
+}
+
+// The row sums of the divergence terms and, with standardize, the moments its gradient needs:
+// sum d_student * a and sum q * a over the student's finite entries, the same for the teacher.
+template <typename acc_t>
+struct RowSums : Terms<acc_t> {
+  acc_t student_moment = 0, student_mean = 0, teacher_moment = 0, teacher_mean = 0;
+  RowSums() : Terms<acc_t>{0, 0, 0} {}
+  RowSums(const Terms<acc_t>& t) : Terms<acc_t>(t) {}  // NOLINT(runtime/explicit)
+};
+
+// Read 2: the row sums of the divergence terms (and the standardize moments).
+template <typename Div, bool kStandardize, typename scalar_t, typename acc_t>
+KD_INLINE RowSums<acc_t> term_sums(const RowArgs<scalar_t, acc_t>& args, const scalar_t* student,
+                                   const scalar_t* teacher, const SoftView<acc_t>& view_a,
+                                   const SoftView<acc_t>& view_b, const LogNormaliser<acc_t>& norm_a,
+                                   const LogNormaliser<acc_t>& norm_b, const DivergenceParams<acc_t>& params, acc_t* a,
+                                   acc_t* b) {
+  using Math = MathFor<acc_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  RowSums<acc_t> sums;
+  for (int64_t j0 = 0; j0 < args.vocab; j0 += kChunk) {
+    const int64_t n = std::min(kChunk, args.vocab - j0);
+    load_soft(args, view_a, student + j0, n, a);
+    load_soft(args, view_b, teacher + j0, n, b);
+    acc_t value = 0, d_student = 0, d_teacher = 0, s_moment = 0, s_mean = 0, t_moment = 0, t_mean = 0;
+#pragma omp simd reduction(+ : value, d_student, d_teacher, s_moment, s_mean, t_moment, t_mean)
+    for (int64_t i = 0; i < n; ++i) {
+      const bool shared = (a[i] > kNegInf) & (b[i] > kNegInf);
+      const acc_t lq = shared ? norm_a.log_prob(a[i]) : acc_t(0);
+      const acc_t lp = shared ? norm_b.log_prob(b[i]) : acc_t(0);
+      const Terms<acc_t> t = Div::template terms<Math>(lp, lq, Math::exp(lp), Math::exp(lq), params);
+      value += shared ? t.value : acc_t(0);
+      d_student += shared ? t.d_student : acc_t(0);
+      d_teacher += shared ? t.d_teacher : acc_t(0);
+      if constexpr (kStandardize) {
+        const acc_t a_finite = a[i] > kNegInf ? a[i] : acc_t(0), b_finite = b[i] > kNegInf ? b[i] : acc_t(0);
+        s_moment += shared ? t.d_student * a_finite : acc_t(0);
+        s_mean += Math::exp(norm_a.log_prob(a[i])) * a_finite;
+        t_moment += shared ? t.d_teacher * b_finite : acc_t(0);
+        t_mean += Math::exp(norm_b.log_prob(b[i])) * b_finite;
+      }
+    }
+    sums.value += value;
+    sums.d_student += d_student;
+    sums.d_teacher += d_teacher;
+    sums.student_moment += s_moment;
+    sums.student_mean += s_mean;
+    sums.teacher_moment += t_moment;
+    sums.teacher_mean += t_mean;
+  }
+  return sums;
+}
+
+// The standardize gradient's term through the row's mean and std: with G = dL/da (a the soft
+// values), dL/dx = scale * G - coupling * a, coupling = T * sum(G a) / ((n - 1) std), and
+// sum(G a) = soft_weight * (moment - sum_d * mean) (G sums to 0: the softmax is shift-invariant,
+// so the term through the mean vanishes). 0 where std = 0 (a constant row: a = 0).
+template <typename scalar_t, typename acc_t>
+KD_INLINE acc_t standardize_coupling(const RowArgs<scalar_t, acc_t>& args, const SoftView<acc_t>& view, acc_t sum_d,
+                                     acc_t moment, acc_t mean) {
+  if (!(view.count > 1 && view.std > 0)) return 0;
+  return args.soft_weight * (moment - sum_d * mean) / (args.inv_temperature * (view.count - 1) * view.std);
+}
+
+template <typename acc_t>
+struct GradientScales {
+  LogNormaliser<acc_t> norm_a, norm_b, norm_c;
+  SoftView<acc_t> view_a, view_b;
+  acc_t soft_weight;
+  acc_t hard_weight;  // 0 without the CE term
+  acc_t sum_d_student, sum_d_teacher;
+};
+
+// Writes the gradients of one row's loss: the soft term (kSoft) through the softmax Jacobian
+// of the divergence terms, plus the CE term softmax(student) - onehot(y) (from student/T when
+// T = 1, else from the raw student logits in c: kSeparateCE). a and b return the gradients.
+template <typename Div, bool kSoft, bool kSeparateCE, typename scalar_t, typename acc_t>
+KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, const DivergenceParams<acc_t>& params, int64_t row,
+                            int64_t y, const GradientScales<acc_t>& g, acc_t* a, acc_t* b, acc_t* c) {
+  using Math = MathFor<acc_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t vocab = args.vocab;
+  const scalar_t* student = args.student + row * args.student_stride;
+  const scalar_t* teacher = args.teacher + row * args.teacher_stride;
+  for (int64_t j0 = 0; j0 < vocab; j0 += kChunk) {
+    const int64_t n = std::min(kChunk, vocab - j0);
+    load_soft(args, g.view_a, student + j0, n, a);
+    if constexpr (kSoft) load_soft(args, g.view_b, teacher + j0, n, b);
+    if constexpr (kSeparateCE) load_scaled(student + j0, n, acc_t(1), c);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t q = Math::exp(g.norm_a.log_prob(a[i]));
+      acc_t grad_s = g.hard_weight * (kSeparateCE ? Math::exp(g.norm_c.log_prob(c[i])) : q);
+      acc_t grad_t = 0;
+      if constexpr (kSoft) {
+        const acc_t p = Math::exp(g.norm_b.log_prob(b[i]));
+        const bool shared = (a[i] > kNegInf) & (b[i] > kNegInf);
+        const acc_t lq = shared ? g.norm_a.log_prob(a[i]) : acc_t(0);
+        const acc_t lp = shared ? g.norm_b.log_prob(b[i]) : acc_t(0);
+        const Terms<acc_t> t = Div::template terms<Math>(lp, lq, p, q, params);
+        grad_s += g.soft_weight * g.view_a.scale * ((shared ? t.d_student : acc_t(0)) - q * g.sum_d_student) *
+                      softcap_slope(a[i], args.cap_scale) -
+                  (a[i] > kNegInf ? g.view_a.coupling * a[i] : acc_t(0));
+        grad_t = g.soft_weight * g.view_b.scale * ((shared ? t.d_teacher : acc_t(0)) - p * g.sum_d_teacher) *
+                     softcap_slope(b[i], args.cap_scale) -
+                 (b[i] > kNegInf ? g.view_b.coupling * b[i] : acc_t(0));
+      }
+      a[i] = grad_s;
+      b[i] = grad_t;
+    }
+    if (y >= j0 && y < j0 + n) a[y - j0] -= g.hard_weight;
+    if (args.grad_student) store(a, n, args.grad_student + row * vocab + j0);
+    if (args.grad_teacher) store(b, n, args.grad_teacher + row * vocab + j0);
+  }
+}
+
+template <typename Div, typename scalar_t, typename acc_t>
+KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, acc_t* a, acc_t* b, acc_t* c) {
+  using Math = MathFor<acc_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t vocab = args.vocab;
+  const scalar_t* student = args.student + row * args.student_stride;
+  const scalar_t* teacher = args.teacher + row * args.teacher_stride;
+  const bool has_target = args.target != nullptr;
+  const int64_t y = has_target ? args.target[row] : -1;
+  if (has_target && y == args.ignore_index) return finish_without_loss(args, row, kOk);
+  if (has_target && (y < 0 || y >= vocab)) return finish_without_loss(args, row, kTargetOutOfRange);
+  const bool need_soft = args.soft_weight != 0;
+  const bool need_ce = has_target && args.hard_weight != 0;
+  // CE needs softmax of the raw student logits: a read of its own unless a = student.
+  const bool separate_ce = need_ce && (!args.unit_temperature || args.softcap != 0 || args.standardize);
+
+  // Read 0, with standardize: each row's mean and std.
+  SoftView<acc_t> view_a{0, args.inv_temperature, 0, 0, 0}, view_b = view_a;
+  if (args.standardize) {
+    view_a = standardized_view(args, student, a);
+    if (need_soft) view_b = standardized_view(args, teacher, b);
+  }
+
+  // Read 1: statistics.
+  const acc_t anchor_a = row_anchor(args, view_a, student), anchor_b = row_anchor(args, view_b, teacher);
+  OnlineSide<acc_t> side_a, side_b, side_c;
+  int bad_student = 0, bad_teacher = 0;
+  for (int64_t j0 = 0; j0 < vocab; j0 += kChunk) {
+    const int64_t n = std::min(kChunk, vocab - j0);
+    load_soft(args, view_a, student + j0, n, a);
+    const acc_t max_a = chunk_max(a, n, bad_student);
+    if (need_soft) {
+      load_soft(args, view_b, teacher + j0, n, b);
+      const acc_t max_b = chunk_max(b, n, bad_teacher);
+      if constexpr (Div::kSumsFromStats) {
+        accumulate_exp_with_support(a, b, n, max_a, max_b, anchor_a, anchor_b, side_a, side_b);
+      } else {
+        accumulate_exp(a, n, max_a, side_a);
+        accumulate_exp(b, n, max_b, side_b);
+      }
+    } else {
+      accumulate_exp(a, n, max_a, side_a);
+    }
+    if (separate_ce) {
+      load_scaled(student + j0, n, acc_t(1), c);
+      accumulate_exp(c, n, chunk_max(c, n, bad_student), side_c);
+    }
+  }
+  if (bad_student) return finish_without_loss(args, row, kStudentNonFinite);
+  if (bad_teacher) return finish_without_loss(args, row, kTeacherNonFinite);
+  if (!(side_a.sum > 0)) return finish_without_loss(args, row, kStudentAllMasked);
+  if (need_soft && !(side_b.sum > 0)) return finish_without_loss(args, row, kTeacherAllMasked);
+  const LogNormaliser<acc_t> norm_a = side_a.normaliser();
+  const LogNormaliser<acc_t> norm_b = need_soft ? side_b.normaliser() : LogNormaliser<acc_t>{0, 0};
+  const LogNormaliser<acc_t> norm_c = separate_ce ? side_c.normaliser() : norm_a;
+
+  acc_t ce = 0;
+  if (need_ce) {
+    const acc_t logit_y = static_cast<acc_t>(student[y]);
+    if (logit_y == kNegInf) return finish_without_loss(args, row, kTargetMasked);
+    ce = -norm_c.log_prob(logit_y);
+  }
+
+  // Row sums of the divergence terms: from the statistics, or read 2.
+  DivergenceParams<acc_t> params = args.params;
+  if constexpr (std::is_same_v<Div, AdaptiveKL>) {
+    if (need_soft) set_adaptive_weights(args, view_a, view_b, student, teacher, norm_a, norm_b, params, a, b, c);
+  }
+  RowSums<acc_t> sums{};
+  bool summed = !need_soft;
+  if constexpr (Div::kSumsFromStats) {
+    if (need_soft && !args.standardize) {
+      sums = Div::row_sums(SupportStats<acc_t>{
+          (norm_a.max - anchor_a) + norm_a.log_sum, (norm_b.max - anchor_b) + norm_b.log_sum,
+          side_a.mass / side_a.sum, side_a.logratio / side_a.sum, side_b.mass / side_b.sum,
+          side_b.logratio / side_b.sum},
+                           params);
+      summed = true;
+    }
+  }
+  if (!summed) {
+    sums = args.standardize
+               ? term_sums<Div, true>(args, student, teacher, view_a, view_b, norm_a, norm_b, params, a, b)
+               : term_sums<Div, false>(args, student, teacher, view_a, view_b, norm_a, norm_b, params, a, b);
+  }
+  args.loss[row] = args.soft_weight * sums.value + args.hard_weight * ce;
+  args.status[row] = kOk;
+  if (!args.grad_student && !args.grad_teacher) return;
+  if (args.standardize && need_soft) {
+    view_a.coupling = standardize_coupling(args, view_a, sums.d_student, sums.student_moment, sums.student_mean);
+    view_b.coupling = standardize_coupling(args, view_b, sums.d_teacher, sums.teacher_moment, sums.teacher_mean);
+  }
+
+  // Read 3: gradients of the row loss.
+  const GradientScales<acc_t> scales{norm_a, norm_b, norm_c, view_a, view_b, args.soft_weight,
+                                     need_ce ? args.hard_weight : acc_t(0), sums.d_student, sums.d_teacher};
+  if (need_soft) {
+    separate_ce ? gradient_row<Div, true, true>(args, params, row, y, scales, a, b, c)
+                : gradient_row<Div, true, false>(args, params, row, y, scales, a, b, c);
+  } else {
+    separate_ce ? gradient_row<Div, false, true>(args, params, row, y, scales, a, b, c)
+                : gradient_row<Div, false, false>(args, params, row, y, scales, a, b, c);
+  }
+}
+
+template <typename Div, typename scalar_t, typename acc_t>
+KD_INLINE void process_row_range(const RowArgs<scalar_t, acc_t>& args, int64_t begin, int64_t end) {
+  alignas(64) acc_t a[kChunk], b[kChunk], c[kChunk];
+  for (int64_t row = begin; row < end; ++row) process_row<Div>(args, row, a, b, c);
+}
+
+// Cloned per ISA level for the float accumulation of fp32, bf16 and fp16 inputs; fp64 inputs
+// (gradcheck, references) take the one default build, which keeps the compile time down.
+template <typename Div, typename scalar_t, typename acc_t>
+KD_CPU_CLONES void process_rows_cloned(const RowArgs<scalar_t, acc_t>& args, int64_t begin, int64_t end) {
+  process_row_range<Div>(args, begin, end);
+}
+
+template <typename Div, typename scalar_t, typename acc_t>
+void process_rows(const RowArgs<scalar_t, acc_t>& args, int64_t begin, int64_t end) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    process_row_range<Div>(args, begin, end);
+  } else {
+    process_rows_cloned<Div>(args, begin, end);
+  }
+}
+
+// The rows of one call, with the divergences whose id is kPart modulo kKdLossParts (the others
+// compile to nothing here): false if the call's divergence is not among them.
+template <int kPart>
+bool kd_loss_part(const KDLossCall& call) {
+  bool ran = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, call.student.scalar_type(), "kd_loss_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t rows = call.student.size(0), vocab = call.student.size(1);
+    const RowArgs<scalar_t, acc_t> args{
+        call.student.data_ptr<scalar_t>(), call.teacher.data_ptr<scalar_t>(), call.student.stride(0),
+        call.teacher.stride(0), call.target.defined() ? call.target.data_ptr<int64_t>() : nullptr,
+        call.loss.data_ptr<acc_t>(), call.grad_student.numel() ? call.grad_student.data_ptr<scalar_t>() : nullptr,
+        call.grad_teacher.numel() ? call.grad_teacher.data_ptr<scalar_t>() : nullptr, call.status.data_ptr<int8_t>(),
+        vocab, call.ignore_index, static_cast<acc_t>(1.0 / call.temperature), static_cast<acc_t>(call.soft_weight),
+        static_cast<acc_t>(call.hard_weight), call.temperature == 1.0, static_cast<acc_t>(call.softcap),
+        static_cast<acc_t>(call.softcap > 0 ? call.temperature / call.softcap : 0.0), call.standardize,
+        make_divergence_params<acc_t>(call.divergence, call.divergence_args)};
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(vocab, 1));
+    dispatch_divergence(call.divergence, [&](auto div) {
+      using Div = decltype(div);
+      if constexpr (static_cast<int>(Div::kId) % kKdLossParts == kPart) {
+        at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+          process_rows<Div, scalar_t, acc_t>(args, begin, end);
+        });
+        ran = true;
+      }
+    });
+  });
+  return ran;
+}
+
+}  // namespace cpu
+}  // namespace kdkernels

@@ -1,0 +1,78 @@
+"""The DIST custom op `kdkernels::dist_loss`: the row and column statistics of both softmaxes from
+a kernel (csrc/dist_loss.h), the Pearson correlations and their derivatives from those O(N + C)
+statistics, and the student gradient from a second kernel, all in the forward; backward only
+scales the saved gradient."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from kdkernels.ops import extension, saved_gradients
+
+Tensor = torch.Tensor
+
+
+def kernels(backend: str) -> tuple[Callable[..., tuple[Tensor, Tensor]], Callable[..., Tensor]]:
+    """The (stats, grad) kernels of a backend (csrc/dist_loss.h contract)."""
+    if backend == "triton":
+        from kdkernels.triton.dist_loss import dist_loss_grad_triton, dist_loss_stats_triton
+
+        return dist_loss_stats_triton, dist_loss_grad_triton
+    if backend == "cpu":
+        module = extension.require()
+        return module.dist_loss_stats_cpu, module.dist_loss_grad_cpu
+    raise ValueError(f"dist_loss has kernels for the 'cpu' and 'triton' backends, not {backend!r}")
+
+
+def _pearson(sums: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """From (sum a b, sum a^2, sum b^2) of centred vectors a, b: the correlation
+    r = sum a b / (|a| |b| + eps) and (u, v) with dr/da = u b - v a (no term through the centring,
+    since a and b sum to 0; v = 0 where |a| = 0, the subgradient of the norm there)."""
+    ab, norm_a, norm_b = sums[:, 0], sums[:, 1].sqrt(), sums[:, 2].sqrt()
+    denominator = norm_a * norm_b + eps
+    u = 1 / denominator
+    v = torch.where(norm_a > 0, ab * norm_b / (norm_a.clamp_min(torch.finfo(sums.dtype).tiny) * denominator**2), 0.0)
+    return ab / denominator, torch.stack([u, v], dim=1)
+
+
+def _check_values(name: str, logits: Tensor) -> None:
+    """ValueError for NaN, +inf or a row all -inf (the kernels assume none)."""
+    bad = torch.isnan(logits) | (logits == float("inf"))
+    if bool(bad.any()):
+        row = int(bad.any(-1).nonzero()[0, 0])
+        raise ValueError(f"dist_loss: {name} row {row} contains NaN or +inf")
+    masked = (logits == float("-inf")).all(-1)
+    if bool(masked.any()):
+        raise ValueError(f"dist_loss: {name} row {int(masked.nonzero()[0, 0])} is all -inf")
+
+
+@torch.library.custom_op("kdkernels::dist_loss", mutates_args=())
+def dist_loss_op(student: Tensor, teacher: Tensor, temperature: float, beta: float, gamma: float, eps: float,
+                 student_grad: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """The DIST loss of [N, C] logits (a 0-d tensor in the accumulation dtype) and its student
+    gradient (empty [0, C] when not asked for)."""
+    for name, logits in (("student_logits", student), ("teacher_logits", teacher)):
+        _check_values(name, logits)
+    stats, grad = kernels(backend)
+    row_stats, column_stats = stats(student, teacher, temperature)
+    rows, classes = student.shape
+    row_r, row_coef = _pearson(row_stats, eps)
+    column_r, column_coef = _pearson(column_stats[:, 2:], eps)
+    scale = temperature**2
+    loss = scale * (beta * (1 - row_r.mean()) + gamma * (1 - column_r.mean()))
+    if not student_grad:
+        return loss, student.new_empty(0, classes)
+    return loss, grad(student, teacher, temperature, row_coef * (-scale * beta / rows),
+                      column_coef * (-scale * gamma / classes), column_stats)
+
+
+@dist_loss_op.register_fake
+def _(student, teacher, temperature, beta, gamma, eps, student_grad, backend):
+    acc_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    return student.new_empty((), dtype=acc_dtype), student.new_empty(student.shape[0] if student_grad else 0,
+                                                                     student.shape[1])
+
+
+saved_gradients.register_student_gradient_autograd(dist_loss_op, num_inputs=8, per_row=False)
