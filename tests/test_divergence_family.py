@@ -191,6 +191,27 @@ def test_adaptive_kl_ties_count_together(backend):
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_adaptive_kl_mu_at_a_cumulative_sum(backend):
+    """mu within rounding of the cumulative teacher mass of the top 4 entries: the head is the top 3
+    or the top 4 (the sums round either way), and the weights must be those of one of them, each
+    error counted once."""
+    t = torch.tensor([[2.083162546157837, -1.3574793338775635, 0.4339940845966339, 2.074967384338379,
+                       2.0753188133239746, -1.4066030979156494, 2.084601879119873]])
+    s = torch.tensor([[0.6613521575927734, 0.266924113035202, 0.06167725846171379, 0.6213173270225525,
+                       -0.4519059658050537, -0.16613022983074188, -1.522768497467041]])
+    loss = kdk.kd_loss(s, t, divergence="akl", akl_mu=0.9399178624153137, reduction="none", backend=backend)
+    p, q = torch.softmax(t.double(), -1)[0], torch.softmax(s.double(), -1)[0]
+    forward, reverse = (p * (p / q).log()).sum(), (q * (q / p).log()).sum()
+    error, order = (p - q).abs(), p.argsort(descending=True)
+    candidates = []
+    for size in (3, 4):
+        g_head = error[order[:size]].sum()
+        w = g_head / error.sum()
+        candidates.append((w * forward + (1 - w) * reverse).item())
+    assert min(abs(loss.item() - c) for c in candidates) < 1e-5, (loss.item(), candidates)
+
+
 @pytest.mark.parametrize("shape", ["peaked", "offset_logits", "wide"])
 def test_adaptive_kl_head_search_on_hard_rows(shape):
     """The head search on rows that stress it: one logit far above the rest (the head is the top

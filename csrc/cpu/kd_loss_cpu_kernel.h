@@ -177,7 +177,8 @@ struct HeadBuckets {
     std::fill_n(high, kHeadBuckets, -std::numeric_limits<acc_t>::infinity());
   }
   // The bucket where the teacher mass from the top bucket down passes mu (-1 if none), adding
-  // the mass above it to `above` and the errors above and below it to head and tail.
+  // the mass above it to `above` and the errors above and below it to head and tail (with -1,
+  // every bucket's error to head).
   int crossing(acc_t mu, acc_t& above, acc_t& head, acc_t& tail) const {
     int k = kHeadBuckets - 1;
     for (; k >= 0 && !(above + mass[k] > mu); --k) {
@@ -244,10 +245,9 @@ KD_INLINE void set_adaptive_weights(const RowArgs<scalar_t, acc_t>& args, const 
     }
   }
   acc_t above = 0, g_head = 0, g_tail = 0;
+  // first < 0: every finite entry fits (possible only through rounding); crossing() has
+  // counted all their errors as head.
   const int first = buckets.crossing(mu, above, g_head, g_tail);
-  if (first < 0) {  // every finite entry fits (possible only through rounding)
-    for (int k = 0; k < kHeadBuckets; ++k) g_head += buckets.error[k];
-  }
   // Later passes: the candidates, and the range their buckets split.
   acc_t lo = 0, hi = 0, map_lo = first_lo + first_span * first / kHeadBuckets, span = first_span / kHeadBuckets;
   for (int pass = 2; first >= 0; ++pass) {
@@ -273,10 +273,7 @@ KD_INLINE void set_adaptive_weights(const RowArgs<scalar_t, acc_t>& args, const 
       }
     }
     const int k = buckets.crossing(mu, above, g_head, g_tail);
-    if (k < 0) {  // every candidate fits
-      for (int j = 0; j < kHeadBuckets; ++j) g_head += buckets.error[j];
-      break;
-    }
+    if (k < 0) break;  // every candidate fits, and is counted as head
     if (buckets.low[k] == buckets.high[k]) {  // one value: a tie group, head only if it is the top
       (buckets.low[k] == top ? g_head : g_tail) += buckets.error[k];
       break;
