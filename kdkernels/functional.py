@@ -79,6 +79,13 @@ def _check_target(target: Tensor, student_logits: Tensor, name: str = "student_l
         raise ValueError(f"target is on {target.device} but {name} is on {student_logits.device}")
 
 
+def _kernel_rows(logits: Tensor, vocab: int) -> Tensor:
+    """[..., V] logits as the kernels take them: [N, V] with unit stride along V (a view when
+    possible)."""
+    rows = logits.reshape(-1, vocab)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
 def _check_constant_teacher(teacher_logits: Tensor, op: str) -> None:
     if teacher_logits.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{op} treats the teacher as a constant: pass teacher_logits.detach()")
@@ -295,12 +302,7 @@ def kd_loss(
         return reference.kd_loss(student_logits, teacher_logits, target, **keywords)
 
     lead_shape = student_logits.shape[:-1]
-    student = student_logits.reshape(-1, vocab)
-    teacher = teacher_logits.reshape(-1, vocab)
-    if student.stride(-1) != 1:
-        student = student.contiguous()
-    if teacher.stride(-1) != 1:
-        teacher = teacher.contiguous()
+    student, teacher = _kernel_rows(student_logits, vocab), _kernel_rows(teacher_logits, vocab)
     rows_target = None if target is None else target.reshape(-1).long()
     grad_enabled = torch.is_grad_enabled()
     rows, _, _ = kd_loss_rows(
@@ -446,10 +448,7 @@ def dkd_loss(
     if backend == "reference":
         return reference.dkd_loss(student_logits, teacher_logits, target, alpha=alpha, beta=beta,
                                   temperature=temperature, ignore_index=ignore_index)
-    student = student_logits.reshape(-1, vocab)
-    teacher = teacher_logits.reshape(-1, vocab)
-    student = student if student.stride(-1) == 1 else student.contiguous()
-    teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
+    student, teacher = _kernel_rows(student_logits, vocab), _kernel_rows(teacher_logits, vocab)
     rows_target = target.reshape(-1).long()
     rows, _ = dkd_loss_rows(student, teacher, rows_target, _mean_weight(rows_target, student, ignore_index), temperature,
                             alpha, beta, int(ignore_index), torch.is_grad_enabled() and student_logits.requires_grad,
@@ -496,8 +495,8 @@ def dist_loss(
     if backend == "reference":
         return reference.dist_loss(student_logits, teacher_logits, beta=beta, gamma=gamma, temperature=temperature,
                                    eps=eps)
-    student = student_logits if student_logits.stride(-1) == 1 else student_logits.contiguous()
-    teacher = teacher_logits if teacher_logits.stride(-1) == 1 else teacher_logits.contiguous()
+    classes = student_logits.shape[-1]
+    student, teacher = _kernel_rows(student_logits, classes), _kernel_rows(teacher_logits, classes)
     loss, _ = dist_loss_op(student, teacher, temperature, beta, gamma, eps,
                            torch.is_grad_enabled() and student_logits.requires_grad, backend)
     return loss

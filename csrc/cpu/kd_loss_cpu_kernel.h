@@ -404,7 +404,6 @@ KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, const Divergen
 
 template <typename Div, typename scalar_t, typename acc_t>
 KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, acc_t* a, acc_t* b, acc_t* c) {
-  using Math = MathFor<acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const int64_t vocab = args.vocab;
   const scalar_t* student = args.student + row * args.student_stride;
