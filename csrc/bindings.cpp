@@ -4,6 +4,7 @@
 #include "dist_loss.h"
 #include "dkd_loss.h"
 #include "kd_loss.h"
+#include "topk_kd_loss.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kdkernels compiled kernels";
@@ -13,6 +14,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Fused DKD loss forward on CPU: row losses and student logit gradients");
   m.def("dist_loss_stats_cpu", &kdkernels::dist_loss_stats_cpu,
         "DIST on CPU: row and column statistics of the softmaxes");
+  m.def("topk_kd_loss_forward_cpu", &kdkernels::topk_kd_loss_forward_cpu,
+        "Top-k KD loss forward on CPU: row losses and student logit gradients");
   m.def("dist_loss_grad_cpu", &kdkernels::dist_loss_grad_cpu, "DIST on CPU: the student logit gradient");
 #ifdef KDKERNELS_WITH_CUDA
   m.def("kd_loss_forward_cuda", &kdkernels::kd_loss_forward_cuda,

@@ -14,6 +14,8 @@ enum RowStatus : int8_t {
   kTeacherNonFinite = 4,
   kStudentAllMasked = 5,
   kTeacherAllMasked = 6,
+  kIndexOutOfRange = 7,  // top-k KD: a teacher id outside [0, V)
+  kDuplicateIndex = 8,   // top-k KD: a teacher id twice in a row
 };
 
 }  // namespace kdkernels

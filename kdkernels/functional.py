@@ -16,6 +16,7 @@ from kdkernels.ops.dist_loss import dist_loss_op
 from kdkernels.ops.dkd_loss import dkd_loss_rows
 from kdkernels.ops.fused_linear_kd_loss import default_chunk_rows
 from kdkernels.ops.fused_linear_kd_loss import fused_linear_kd_loss as fused_linear_kd_loss_op
+from kdkernels.ops.topk_kd_loss import TRITON_MAX_K, topk_kd_loss_rows
 
 Tensor = torch.Tensor
 
@@ -143,14 +144,16 @@ def _check_options(temperature: float, alpha: float, reduction: str,
     return temperature, alpha
 
 
-# The keywords that kd_loss and fused_linear_kd_loss share with reference.kd_loss.
-_KD_KEYWORDS = ("temperature", "alpha", "divergence", "beta", "skew", "ab_alpha", "ab_beta", "akl_mu", "reduction",
-                "ignore_index", "scale_by_temperature", "num_items", "logit_scale", "softcap", "standardize")
+# The keywords that every logit-KD loss shares with its reference (reference.kd_loss,
+# reference.topk_kd_loss); kd_loss and fused_linear_kd_loss add those on the teacher's logits.
+_SOFT_KEYWORDS = ("temperature", "alpha", "divergence", "beta", "skew", "ab_alpha", "ab_beta", "akl_mu", "reduction",
+                  "ignore_index", "scale_by_temperature", "num_items")
+_KD_KEYWORDS = _SOFT_KEYWORDS + ("logit_scale", "softcap", "standardize")
 
 
-def _kd_keywords(arguments: dict) -> dict:
+def _kd_keywords(arguments: dict, names: tuple[str, ...] = _KD_KEYWORDS) -> dict:
     """The KD keywords among a function's arguments (its locals())."""
-    return {name: arguments[name] for name in _KD_KEYWORDS}
+    return {name: arguments[name] for name in names}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,18 +173,19 @@ class _SoftOptions:
 
     @classmethod
     def checked(cls, keywords: dict, has_target: bool) -> "_SoftOptions":
-        """From the KD keywords of kd_loss (as reference.kd_loss takes them)."""
+        """From the KD keywords of kd_loss (as reference.kd_loss takes them); those on the
+        teacher's logits (logit_scale, softcap, standardize) may be absent."""
         temperature, alpha = _check_options(keywords["temperature"], keywords["alpha"], keywords["reduction"],
                                             keywords["num_items"])
-        logit_scale = _check_number("logit_scale", keywords["logit_scale"], 0.0, math.inf, open_low=True,
+        logit_scale = _check_number("logit_scale", keywords.get("logit_scale", 1.0), 0.0, math.inf, open_low=True,
                                     open_high=True)
         divergence = keywords["divergence"]
         divergence_args = _divergence_args(divergence, keywords["beta"], keywords["skew"], keywords["ab_alpha"],
                                            keywords["ab_beta"], keywords["akl_mu"])
-        softcap = keywords["softcap"]
+        softcap = keywords.get("softcap")
         if softcap is not None:
             softcap = _check_number("softcap", softcap, 0.0, math.inf, open_low=True, open_high=True)
-        standardize = keywords["standardize"]
+        standardize = keywords.get("standardize", False)
         if not isinstance(standardize, bool):
             raise TypeError(f"standardize must be a bool, got {type(standardize).__name__}")
         if standardize and (softcap is not None or logit_scale != 1.0):
@@ -410,6 +414,116 @@ def fused_linear_kd_loss(
         options.soft_weight, options.hard_weight, divergence, options.divergence_args, options.ignore_index, chunk_rows,
         student_grad, teacher_grad, backend)
     return loss
+
+
+TOPK_TAILS = ("renormalize", "bucket")
+
+
+def _check_topk(student_logits: Tensor, indices: Tensor, logprobs: Tensor, tail: str) -> None:
+    _check_floats({"student_logits": student_logits}, "[..., V]")
+    if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"teacher_topk_indices must be an int64 (or int32) tensor of vocabulary ids, got "
+                        f"{getattr(indices, 'dtype', type(indices).__name__)}")
+    _check_floats({"teacher_topk_logprobs": logprobs}, "[..., k]")
+    lead = tuple(student_logits.shape[:-1])
+    if indices.dim() < 1 or tuple(indices.shape[:-1]) != lead or indices.shape[-1] < 1:
+        raise ValueError(f"teacher_topk_indices must have shape {lead + ('k',)} with k >= 1 (the leading shape of "
+                         f"student_logits), got {tuple(indices.shape)}")
+    if logprobs.shape != indices.shape:
+        raise ValueError(f"teacher_topk_logprobs shape {tuple(logprobs.shape)} differs from teacher_topk_indices "
+                         f"shape {tuple(indices.shape)}")
+    for name, value in (("teacher_topk_indices", indices), ("teacher_topk_logprobs", logprobs)):
+        if value.device != student_logits.device:
+            raise ValueError(f"{name} is on {value.device} but student_logits is on {student_logits.device}")
+    if tail not in TOPK_TAILS:
+        raise ValueError(f"tail must be one of {TOPK_TAILS}, got {tail!r}")
+    if logprobs.requires_grad and torch.is_grad_enabled():
+        raise ValueError("topk_kd_loss treats the teacher as a constant: pass teacher_topk_logprobs.detach()")
+
+
+def _check_topk_ids(indices: Tensor, vocab: int) -> None:
+    """The checks the kernels make of the ids, for the reference backend: in [0, V), no repeats."""
+    ids = indices.reshape(-1, indices.shape[-1]).sort(-1).values
+    out_of_range = ((ids < 0) | (ids >= vocab)).any(-1)
+    repeated = (ids[:, 1:] == ids[:, :-1]).any(-1)
+    for bad, what in ((out_of_range, f"an id outside [0, {vocab})"), (repeated, "an id twice")):
+        if bad.any():
+            raise ValueError(f"topk_kd_loss: teacher_topk_indices row {int(bad.nonzero()[0, 0])} holds {what} "
+                             "(rows of the inputs flattened to [N, k])")
+
+
+def topk_kd_loss(
+    student_logits: Tensor,
+    teacher_topk_indices: Tensor,
+    teacher_topk_logprobs: Tensor,
+    target: Optional[Tensor] = None,
+    *,
+    tail: str = "renormalize",
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    ab_alpha: Optional[float] = None,
+    ab_beta: Optional[float] = None,
+    akl_mu: float = 0.5,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+    scale_by_temperature: bool = True,
+    num_items: Optional[Union[int, Tensor]] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """KD against a sparse teacher, e.g. one stored offline: its top-k ids ``[..., k]`` and their
+    log-probabilities ``[..., k]`` (at T = 1), fused with the student's full-vocabulary softmax.
+
+    The divergence is taken over k + 1 categories: the k ids and the rest of the vocabulary. The
+    student's are ``softmax(student / T)`` over all V entries, summed per category (the rest's
+    mass from its own log-sum-exp, exact however small). The teacher's are its log-probabilities
+    re-tempered, ``logprobs / T``, normalised, with the rest by ``tail``:
+
+    - ``"renormalize"``: the rest is dropped (masked), so the teacher is its top-k renormalised,
+      ``softmax(logprobs / T)`` over the k ids: exact at any T, and the logprobs are needed only up
+      to a per-row constant (top-k logits work too). Forward KL is then
+      ``sum_k p^_k (log p^_k - log q_k)``, the usual sparse-KD loss; the student's mass outside
+      the ids still enters through its log-softmax.
+    - ``"bucket"``: the rest is one category of mass ``1 - sum exp(logprobs)`` (dropped where that
+      is <= 0, e.g. through the rounding of fp16 or bf16 logprobs), compared with the student's
+      mass outside the same ids. Exact at T = 1; at T != 1 the rest is re-tempered as one
+      category (its members' logprobs are not stored).
+
+    ``divergence`` and its keywords, ``temperature``, ``alpha``, ``target``, ``reduction``,
+    ``ignore_index``, ``scale_by_temperature`` and ``num_items`` are those of :func:`kd_loss`,
+    with the categories in place of the vocabulary (a category masked in either input contributes
+    0, as a -inf logit does there). The ids of a row must be distinct and in [0, V), in any order;
+    rows whose target is ``ignore_index`` are not checked. The teacher is a constant (no gradient);
+    -inf logprobs mask their ids. The kernels read the student row once for its statistics,
+    gather the k entries and write the gradient in a second read. ``backend``: "auto", "cpu",
+    "triton" (k <= 2047) or "reference".
+    """
+    _check_topk(student_logits, teacher_topk_indices, teacher_topk_logprobs, tail)
+    vocab, k = student_logits.shape[-1], teacher_topk_indices.shape[-1]
+    if target is not None:
+        _check_target(target, student_logits)
+    soft_keywords = _kd_keywords(locals(), _SOFT_KEYWORDS)
+    options = _SoftOptions.checked(soft_keywords, target is not None)
+    backend = resolve_backend(backend, student_logits.device, supported=("cpu", "triton", "reference"))
+    if backend == "triton" and k > TRITON_MAX_K:
+        raise ValueError(f"the triton backend of topk_kd_loss takes k <= {TRITON_MAX_K}, got k = {k}")
+    if backend == "reference":
+        _check_topk_ids(teacher_topk_indices, vocab)
+        return reference.topk_kd_loss(student_logits, teacher_topk_indices, teacher_topk_logprobs, target, tail=tail,
+                                      **soft_keywords)
+    lead_shape = student_logits.shape[:-1]
+    student = _kernel_rows(student_logits, vocab)
+    rows_target = None if target is None else target.reshape(-1).long()
+    rows, _ = topk_kd_loss_rows(
+        student, teacher_topk_indices.reshape(-1, k), teacher_topk_logprobs.reshape(-1, k), rows_target,
+        options.row_weight(rows_target, student), options.kernel_temperature, options.soft_weight, options.hard_weight,
+        divergence, options.divergence_args, tail == "bucket", options.ignore_index,
+        torch.is_grad_enabled() and student_logits.requires_grad, backend)
+    if reduction == "none":
+        return rows.reshape(lead_shape)
+    return rows.sum()
 
 
 def dkd_loss(

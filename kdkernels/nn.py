@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from kdkernels.functional import dist_loss, dkd_loss, fused_linear_kd_loss, kd_loss
+from kdkernels.functional import dist_loss, dkd_loss, fused_linear_kd_loss, kd_loss, topk_kd_loss
 
 Tensor = torch.Tensor
 
@@ -53,6 +53,17 @@ class FusedLinearKDLoss(_KeywordLoss):
                 teacher_bias: Optional[Tensor] = None) -> Tensor:
         return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target,
                                     student_bias=student_bias, teacher_bias=teacher_bias, **self.options)
+
+
+class TopKKDLoss(_KeywordLoss):
+    """Module form of :func:`kdkernels.topk_kd_loss`, with its keywords fixed at construction:
+    ``forward(student_logits, teacher_topk_indices, teacher_topk_logprobs, target=None)``."""
+
+    function = staticmethod(topk_kd_loss)
+
+    def forward(self, student_logits: Tensor, teacher_topk_indices: Tensor, teacher_topk_logprobs: Tensor,
+                target: Optional[Tensor] = None) -> Tensor:
+        return topk_kd_loss(student_logits, teacher_topk_indices, teacher_topk_logprobs, target, **self.options)
 
 
 class DKDLoss(_KeywordLoss):

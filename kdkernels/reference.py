@@ -135,6 +135,15 @@ def kd_loss(
     log_q = F.log_softmax(soft_s / temperature, dim=-1)
     log_p = F.log_softmax(soft_t / temperature, dim=-1)
     soft = _divergence_rows(log_p, log_q, divergence, beta, skew, ab_alpha, ab_beta, akl_mu)
+    return _combine(soft, s, target, lead_shape, temperature=temperature, alpha=alpha, reduction=reduction,
+                    ignore_index=ignore_index, scale_by_temperature=scale_by_temperature, num_items=num_items)
+
+
+def _combine(soft: Tensor, s: Tensor, target: Optional[Tensor], lead_shape: torch.Size, *, temperature: float,
+             alpha: float, reduction: str, ignore_index: int, scale_by_temperature: bool,
+             num_items: Optional[int | Tensor]) -> Tensor:
+    """The loss from the row divergences `soft` and the student logits `s` [N, V]: the soft term
+    (times T^2), the CE term with target, and the reduction."""
     if scale_by_temperature:
         soft = soft * temperature**2
     if target is None:
@@ -154,6 +163,55 @@ def kd_loss(
         denominator = num_items if num_items is not None else counted.sum().clamp_min(1)
         return total / denominator
     raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def topk_kd_loss(
+    student_logits: Tensor,
+    teacher_topk_indices: Tensor,
+    teacher_topk_logprobs: Tensor,
+    target: Optional[Tensor] = None,
+    *,
+    tail: str = "renormalize",
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    ab_alpha: Optional[float] = None,
+    ab_beta: Optional[float] = None,
+    akl_mu: float = 0.5,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+    scale_by_temperature: bool = True,
+    num_items: Optional[int | Tensor] = None,
+) -> Tensor:
+    """KD against a teacher stored as its top-k log-probabilities: the divergence between the
+    teacher and the student over k + 1 categories, the k ids and the rest of the vocabulary; see
+    :func:`kdkernels.topk_kd_loss`."""
+    vocab, k = student_logits.shape[-1], teacher_topk_indices.shape[-1]
+    lead_shape = student_logits.shape[:-1]
+    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    s = student_logits.reshape(-1, vocab).to(dtype)
+    ids = teacher_topk_indices.reshape(-1, k).long()
+    teacher_logprobs = teacher_topk_logprobs.reshape(-1, k).to(dtype)
+    log_q = F.log_softmax(s / temperature, dim=-1)
+    rest = torch.ones_like(log_q, dtype=torch.bool).scatter(-1, ids, False) & (log_q > -math.inf)
+    has_rest = rest.any(-1, keepdim=True)
+    # The student's mass outside the k ids (a row with none gets -inf, and no NaN in its gradient).
+    log_q_rest = log_q.masked_fill(~rest, -math.inf).masked_fill(~has_rest, 0.0).logsumexp(-1, keepdim=True)
+    log_q_rest = log_q_rest.masked_fill(~has_rest, -math.inf)
+    if tail == "bucket":
+        mass = teacher_logprobs.exp().sum(-1, keepdim=True)
+        log_p_rest = torch.log1p(-mass.clamp(max=1.0))
+    elif tail == "renormalize":
+        log_p_rest = torch.full_like(teacher_logprobs[:, :1], -math.inf)
+    else:
+        raise ValueError(f"unknown tail {tail!r}")
+    log_p = F.log_softmax(torch.cat([teacher_logprobs, log_p_rest], -1) / temperature, dim=-1)
+    log_q = torch.cat([log_q.gather(-1, ids), log_q_rest], -1)
+    soft = _divergence_rows(log_p, log_q, divergence, beta, skew, ab_alpha, ab_beta, akl_mu)
+    return _combine(soft, s, target, lead_shape, temperature=temperature, alpha=alpha, reduction=reduction,
+                    ignore_index=ignore_index, scale_by_temperature=scale_by_temperature, num_items=num_items)
 
 
 def dkd_loss(

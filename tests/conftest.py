@@ -93,6 +93,36 @@ def assert_matches_reference(student: torch.Tensor, teacher: torch.Tensor, targe
         torch.testing.assert_close(grad.double(), exact, rtol=GRAD_TOLERANCE[dtype], atol=atol)
 
 
+def make_topk(lead: tuple[int, ...], vocab: int, k: int, *, dtype: torch.dtype = torch.float32, seed: int = 2,
+              index_dtype: torch.dtype = torch.int64, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """A random teacher's top-k ids and log-probabilities at T = 1, in a shuffled order."""
+    teacher = make_logits(lead, vocab, torch.float64, seed=seed, requires_grad=False)
+    logprobs, ids = teacher.log_softmax(-1).topk(k, dim=-1)
+    order = torch.randperm(k, generator=torch.Generator().manual_seed(seed))
+    return ids[..., order].to(device, index_dtype), logprobs[..., order].to(device, dtype)
+
+
+def gradients_of(loss_fn, student: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loss and its gradient for the student, under a non-uniform upstream gradient."""
+    x = student.detach().clone().requires_grad_()
+    loss = loss_fn(x, *args, **kwargs)
+    weight = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).reshape(loss.shape)
+    (grad,) = torch.autograd.grad((loss * weight).sum(), [x])
+    return loss.detach(), grad
+
+
+def assert_topk_matches_reference(s, ids, logprobs, target, backend, **kwargs) -> None:
+    """topk_kd_loss on `backend` equals kdkernels.reference.topk_kd_loss in fp64, value and gradient."""
+    loss, grad = gradients_of(kdk.topk_kd_loss, s, ids, logprobs, target, backend=backend, **kwargs)
+    exact, exact_grad = gradients_of(reference.topk_kd_loss, s.double(), ids, logprobs.double(), target, **kwargs)
+    assert grad.dtype == s.dtype and loss.dtype == (torch.float64 if s.dtype == torch.float64 else torch.float32)
+    rtol = 1e-10 if s.dtype == torch.float64 else 5e-5
+    torch.testing.assert_close(loss.double(), exact, rtol=rtol, atol=rtol * max(1.0, exact.abs().max().item()))
+    tolerance = GRAD_TOLERANCE[s.dtype]
+    torch.testing.assert_close(grad.double(), exact_grad, rtol=tolerance,
+                               atol=tolerance * max(exact_grad.abs().max().item(), 1e-3))
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

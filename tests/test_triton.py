@@ -14,7 +14,8 @@ pytest.importorskip("triton")
 
 import kdkernels as kdk  # noqa: E402
 from kdkernels import reference  # noqa: E402
-from conftest import DIVERGENCE_CASES, assert_matches_reference, make_logits, make_target  # noqa: E402
+from conftest import (DIVERGENCE_CASES, assert_matches_reference, assert_topk_matches_reference, make_logits,  # noqa: E402
+                      make_target, make_topk)
 
 DEVICE = "cuda" if CUDA else "cpu"
 
@@ -188,3 +189,48 @@ def test_triton_softcap(divergence):
     target = make_target((5,), 700, ignored=True, device=DEVICE)
     assert_matches_reference(student, teacher, target, backend="triton", divergence=divergence, temperature=2.0,
                              softcap=4.0, logit_scale=1.5, **DIVERGENCE_CASES[divergence])
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+@pytest.mark.parametrize("divergence", list(DIVERGENCE_CASES))
+def test_triton_topk(divergence, tail):
+    """Top-k KD: ids in a shuffled order with a masked logprob, a masked student entry outside
+    them, ignored rows, CE at T != 1."""
+    student = make_logits((2, 3), 1500, torch.float32, seed=19, requires_grad=False, device=DEVICE)
+    student[0, 0, 1400:] = float("-inf")
+    ids, logprobs = make_topk((2, 3), 1400, 24, dtype=torch.bfloat16, device=DEVICE)
+    logprobs[1, 2, 5] = float("-inf")
+    target = make_target((2, 3), 1400, ignored=True, device=DEVICE)
+    assert_topk_matches_reference(student, ids, logprobs, target, "triton", tail=tail, divergence=divergence,
+                                  temperature=2.0, alpha=0.4, **DIVERGENCE_CASES[divergence])
+
+
+@pytest.mark.parametrize("vocab, k", [(1, 1), (7, 7), (300, 1), (2100, 300)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_triton_topk_shapes(vocab, k, dtype):
+    """V = 1, k = V, k = 1, and k spread over several blocks with T = 1 (CE from the same statistics)."""
+    student = make_logits((4,), vocab, dtype, seed=20, device=DEVICE)
+    ids, logprobs = make_topk((4,), vocab, k, device=DEVICE, index_dtype=torch.int32)
+    target = make_target((4,), vocab, ignored=True, device=DEVICE)
+    for tail in ("renormalize", "bucket"):
+        assert_topk_matches_reference(student, ids, logprobs, target, "triton", tail=tail, divergence="jsd", beta=0.3)
+
+
+def test_triton_topk_errors_and_ignored_rows():
+    student = make_logits((4,), 30, torch.float32, seed=21, device=DEVICE)
+    ids, logprobs = make_topk((4,), 30, 5, device=DEVICE)
+    target = torch.tensor([0, -100, 2, 3], device=DEVICE)
+    ids[1] = 0  # an ignored row is not checked
+    counted = torch.tensor([0, 2, 3], device=DEVICE)
+    torch.testing.assert_close(kdk.topk_kd_loss(student, ids, logprobs, target, backend="triton"),
+                               kdk.topk_kd_loss(student[counted], ids[counted], logprobs[counted], target[counted],
+                                                backend="triton"))
+    ids[2, 1] = ids[2, 0]
+    with pytest.raises(ValueError, match="teacher_topk_indices row 2 holds an id twice"):
+        kdk.topk_kd_loss(student, ids, logprobs, target, backend="triton")
+    ids[2, 1] = 30
+    with pytest.raises(ValueError, match=r"row 2 holds an id outside \[0, 30\)"):
+        kdk.topk_kd_loss(student, ids, logprobs, target, backend="triton")
+    with pytest.raises(ValueError, match="k <= 2047"):
+        kdk.topk_kd_loss(make_logits((1,), 3000, torch.float32, device=DEVICE),
+                         *make_topk((1,), 3000, 2048, device=DEVICE), backend="triton")

@@ -52,12 +52,14 @@ class RowStatus(enum.IntEnum):
     TEACHER_NON_FINITE = 4
     STUDENT_ALL_MASKED = 5
     TEACHER_ALL_MASKED = 6
+    INDEX_OUT_OF_RANGE = 7
+    DUPLICATE_INDEX = 8
 
 
 def raise_for_status(status: Tensor, target: Optional[Tensor], vocab: int, ignore_index: int, op: str = "kd_loss",
-                     non_finite: str = "NaN or +inf") -> None:
+                     non_finite: str = "NaN or +inf", teacher: str = "teacher_logits") -> None:
     """Raises ValueError for the first row a kernel flagged, naming the input and the row;
-    `non_finite` says which values the op rejects."""
+    `non_finite` says which values the op rejects, `teacher` names the teacher's input."""
     bad = status.nonzero()
     if not bad.numel():
         return
@@ -69,9 +71,11 @@ def raise_for_status(status: Tensor, target: Optional[Tensor], vocab: int, ignor
             f"target[{row}] = {label} is outside [0, {vocab}) and is not ignore_index ({ignore_index})",
         RowStatus.TARGET_MASKED: f"target[{row}] = {label} points at a -inf student logit, so its cross-entropy is infinite",
         RowStatus.STUDENT_NON_FINITE: f"student_logits row {row} contains {non_finite}",
-        RowStatus.TEACHER_NON_FINITE: f"teacher_logits row {row} contains {non_finite}",
+        RowStatus.TEACHER_NON_FINITE: f"{teacher} row {row} contains {non_finite}",
         RowStatus.STUDENT_ALL_MASKED: f"student_logits row {row} is all -inf",
-        RowStatus.TEACHER_ALL_MASKED: f"teacher_logits row {row} is all -inf",
+        RowStatus.TEACHER_ALL_MASKED: f"{teacher} row {row} is all -inf",
+        RowStatus.INDEX_OUT_OF_RANGE: f"teacher_topk_indices row {row} holds an id outside [0, {vocab})",
+        RowStatus.DUPLICATE_INDEX: f"teacher_topk_indices row {row} holds an id twice",
     }
     raise ValueError(f"{op}: {messages[code]} (rows of the inputs flattened to [N, V])")
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kdkernels.triton.kd_loss import _merge, interpreting
+from kdkernels.triton.kd_loss import _merge, row_block, row_outputs
 
 Tensor = torch.Tensor
 
@@ -106,16 +106,13 @@ def dkd_loss_forward_triton(student: Tensor, teacher: Tensor, target: Tensor, ro
                             student_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The DKD contract of csrc/dkd_loss.h; inputs [N, V] with unit stride along V."""
     rows, vocab = student.shape
-    acc_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
-    loss = torch.empty(rows, dtype=acc_dtype, device=student.device)
-    status = torch.empty(rows, dtype=torch.int8, device=student.device)
-    grad_student = student.new_empty((rows if student_grad else 0, vocab))
+    loss, grad_student, status = row_outputs(student, student_grad)
     if rows == 0:
         return loss, grad_student, status
-    block = min(max(triton.next_power_of_2(vocab), 16), 1024 if interpreting() else 4096)
+    block = row_block(vocab)
     _dkd_kernel[(rows,)](
         student, teacher, target, row_weight if row_weight is not None else loss, loss, grad_student, status,
         student.stride(0), teacher.stride(0), vocab, 1.0 / temperature, temperature, alpha, beta, ignore_index,
         HAS_WEIGHT=row_weight is not None, STUDENT_GRAD=student_grad,
-        ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32, BLOCK=block, num_warps=4)
+        ACC=tl.float64 if loss.dtype == torch.float64 else tl.float32, BLOCK=block, num_warps=4)
     return loss, grad_student, status

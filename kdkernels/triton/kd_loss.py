@@ -321,6 +321,35 @@ def _merge(m, chunk_max):
 
 
 @triton.jit
+def row_target(Y, row, V, ignore_index, HAS_TARGET: tl.constexpr):
+    """A row's target y (-1 without target), whether it is ignore_index, and its status: target
+    out of range or 0."""
+    ignored = False
+    status = 0
+    y = -1
+    if HAS_TARGET:
+        y = tl.load(Y + row)
+        ignored = y == ignore_index
+        status = tl.where((y < 0) | (y >= V), _TARGET_OUT_OF_RANGE, 0)
+    return y, ignored, status
+
+
+def row_outputs(student: Tensor, student_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The outputs of a row kernel on [N, V] logits: loss [N] in the accumulation dtype, the
+    student gradient [N, V] (empty [0, V] when not wanted) and status [N] int8."""
+    rows, vocab = student.shape
+    acc_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    loss = torch.empty(rows, dtype=acc_dtype, device=student.device)
+    status = torch.empty(rows, dtype=torch.int8, device=student.device)
+    return loss, student.new_empty((rows if student_grad else 0, vocab)), status
+
+
+def row_block(vocab: int) -> int:
+    """Block width of an untuned row kernel: the row, between 16 and 4096 (1024 when interpreted)."""
+    return min(max(triton.next_power_of_2(vocab), 16), 1024 if interpreting() else 4096)
+
+
+@triton.jit
 def _kd_loss_kernel(
     S, T, Y, W, LOSS, GS, GT, STATUS,
     s_stride, t_stride, V, v_bucket, inv_t, softcap, cap_scale, soft_weight, hard_weight, ignore_index,
@@ -349,13 +378,7 @@ def _kd_loss_kernel(
         if NEED_SOFT:
             center_b, scale_b, count_b, std_b = _standardized(t_row, V, inv_t, ACC, BLOCK)
 
-    ignored = False
-    status = 0
-    y = -1
-    if HAS_TARGET:
-        y = tl.load(Y + row)
-        ignored = y == ignore_index
-        status = tl.where((y < 0) | (y >= V), _TARGET_OUT_OF_RANGE, 0)
+    y, ignored, status = row_target(Y, row, V, ignore_index, HAS_TARGET)
 
     # Read 1: statistics. a = student / T, b = teacher / T (or their standardize views), c = student.
     m_a, z_a, mass_a, lr_a = zero + neg_inf, zero, zero, zero
@@ -544,9 +567,7 @@ def kd_loss_forward_triton(student: Tensor, teacher: Tensor, target: Optional[Te
     read on the device. Inputs [N, V] with unit stride along V."""
     rows, vocab = student.shape
     acc_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
-    loss = torch.empty(rows, dtype=acc_dtype, device=student.device)
-    status = torch.empty(rows, dtype=torch.int8, device=student.device)
-    grad_student = student.new_empty((rows if student_grad else 0, vocab))
+    loss, grad_student, status = row_outputs(student, student_grad)
     grad_teacher = student.new_empty((rows if teacher_grad else 0, vocab))
     if rows == 0:
         return loss, grad_student, grad_teacher, status
@@ -563,8 +584,7 @@ def kd_loss_forward_triton(student: Tensor, teacher: Tensor, target: Optional[Te
                  TERMS=17 if acc_dtype == torch.float64 else 8, SOFTCAP=softcap != 0, STANDARDIZE=standardize,
                  ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32)
     if interpreting():
-        block = min(max(triton.next_power_of_2(vocab), 16), 1024)
-        _kd_loss_kernel[(rows,)](*args, **flags, BLOCK=block)
+        _kd_loss_kernel[(rows,)](*args, **flags, BLOCK=row_block(vocab))
     else:
         _tuned_kernel[(rows,)](*args, **flags)
     return loss, grad_student, grad_teacher, status

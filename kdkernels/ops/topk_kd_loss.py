@@ -1,0 +1,58 @@
+"""The top-k KD custom op `kdkernels::topk_kd_loss_rows`: its kernels per backend, fake kernel and
+autograd (the student gradient is written in the forward; backward only scales it)."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from kdkernels.ops import extension, saved_gradients
+from kdkernels.ops.kd_loss import DIVERGENCES, raise_for_status
+
+Tensor = torch.Tensor
+
+# The largest k the Triton kernel takes: it keeps the k + 1 categories of a row in registers.
+TRITON_MAX_K = 2047
+
+
+def kernel(backend: str) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+    """The top-k KD forward kernel of a backend (csrc/topk_kd_loss.h contract)."""
+    if backend == "triton":
+        from kdkernels.triton.topk_kd_loss import topk_kd_loss_forward_triton
+
+        return topk_kd_loss_forward_triton
+    if backend == "cpu":
+        return extension.require().topk_kd_loss_forward_cpu
+    raise ValueError(f"topk_kd_loss has kernels for the 'cpu' and 'triton' backends, not {backend!r}")
+
+
+@torch.library.custom_op("kdkernels::topk_kd_loss_rows", mutates_args=())
+def topk_kd_loss_rows(student: Tensor, indices: Tensor, logprobs: Tensor, target: Optional[Tensor],
+                      row_weight: Optional[Tensor], temperature: float, soft_weight: float, hard_weight: float,
+                      divergence: str, divergence_args: list[float], bucket: bool, ignore_index: int,
+                      student_grad: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """Row losses ``row_weight * (soft_weight * D + hard_weight * CE)`` of [N, V] student logits
+    against a teacher's top-k ids [N, k] (int32 or int64, any order) and log-probabilities [N, k]
+    (any float dtype), 0 at rows whose target is ignore_index, and their student gradients (empty
+    [0, V] when not asked for). D is over the k ids and the rest of the vocabulary, the rest with
+    the teacher's remaining mass when `bucket`, else masked (csrc/topk_kd_loss.h)."""
+    acc_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    indices, order = indices.sort(dim=-1)  # the kernels walk the ids along the row
+    logprobs = logprobs.gather(-1, order).to(acc_dtype)
+    loss, grad_student, status = kernel(backend)(
+        student, indices.long().contiguous(), logprobs.contiguous(), target, row_weight, temperature, soft_weight,
+        hard_weight, DIVERGENCES[divergence].kernel_id, divergence_args, bucket, ignore_index, student_grad)
+    raise_for_status(status, target, student.shape[1], ignore_index, "topk_kd_loss", teacher="teacher_topk_logprobs")
+    return loss, grad_student
+
+
+@topk_kd_loss_rows.register_fake
+def _(student, indices, logprobs, target, row_weight, temperature, soft_weight, hard_weight, divergence,
+      divergence_args, bucket, ignore_index, student_grad, backend):
+    rows, vocab = student.shape
+    acc_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    return student.new_empty(rows, dtype=acc_dtype), student.new_empty(rows if student_grad else 0, vocab)
+
+
+saved_gradients.register_student_gradient_autograd(topk_kd_loss_rows, num_inputs=14, per_row=True)
