@@ -16,6 +16,7 @@ from kdkernels.ops.dist_loss import dist_loss_op
 from kdkernels.ops.dkd_loss import dkd_loss_rows
 from kdkernels.ops.fused_linear_kd_loss import default_chunk_rows
 from kdkernels.ops.fused_linear_kd_loss import fused_linear_kd_loss as fused_linear_kd_loss_op
+from kdkernels.ops.fused_linear_topk_kd_loss import fused_linear_topk_kd_loss as fused_linear_topk_kd_loss_op
 from kdkernels.ops.topk_kd_loss import TRITON_MAX_K, topk_kd_loss_rows
 
 Tensor = torch.Tensor
@@ -319,6 +320,23 @@ def kd_loss(
     return rows.sum()
 
 
+def _check_head(side: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    """An LM head's shapes: weight [V, H] matching hidden [..., H], bias [V]."""
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{side}_weight must be [V, H] with H = {hidden.shape[-1]} (the last dimension of "
+                         f"{side}_hidden), got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{side}_bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+
+
+def _check_chunk_options(reduction: str, chunk_size: Optional[int]) -> None:
+    if reduction == "none":
+        raise ValueError("the fused-linear losses take reduction='batchmean' or 'sum' (the weight gradient sums over "
+                         "rows); use the loss on the logits for per-row losses")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
+
+
 def fused_linear_kd_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -367,27 +385,15 @@ def fused_linear_kd_loss(
     named.update({name: bias for name, bias in (("student_bias", student_bias), ("teacher_bias", teacher_bias))
                   if bias is not None})
     _check_floats(named, "[..., H] (hidden), [V, H] (weight), [V] (bias)")
-    if student_weight.dim() != 2 or teacher_weight.dim() != 2:
-        raise ValueError(f"student_weight and teacher_weight must be [V, H], got {tuple(student_weight.shape)} and "
-                         f"{tuple(teacher_weight.shape)}")
-    for side, hidden, weight, bias in (("student", student_hidden, student_weight, student_bias),
-                                       ("teacher", teacher_hidden, teacher_weight, teacher_bias)):
-        if hidden.shape[-1] != weight.shape[1]:
-            raise ValueError(f"{side}_hidden has H = {hidden.shape[-1]} but {side}_weight is "
-                             f"{tuple(weight.shape)} ([V, H] expected)")
-        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"{side}_bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+    _check_head("student", student_hidden, student_weight, student_bias)
+    _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
     if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
         raise ValueError(f"teacher_hidden shape {tuple(teacher_hidden.shape)} and student_hidden shape "
                          f"{tuple(student_hidden.shape)} differ in their leading dimensions")
     vocab = _shared_vocab(student_weight.shape[0], teacher_weight.shape[0], shared_vocab, "rows of the weights")
     if target is not None:
         _check_target(target, student_hidden, "student_hidden")
-    if reduction == "none":
-        raise ValueError("fused_linear_kd_loss takes reduction='batchmean' or 'sum' (the weight gradient sums over "
-                         "rows); use kd_loss on the logits for per-row losses")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
+    _check_chunk_options(reduction, chunk_size)
     keywords = _kd_keywords(locals())
     options = _SoftOptions.checked(keywords, target is not None)
     backend = resolve_backend(backend, student_hidden.device, options.backends)
@@ -419,22 +425,23 @@ def fused_linear_kd_loss(
 TOPK_TAILS = ("renormalize", "bucket")
 
 
-def _check_topk(student_logits: Tensor, indices: Tensor, logprobs: Tensor, tail: str) -> None:
-    _check_floats({"student_logits": student_logits}, "[..., V]")
+def _check_topk(student: Tensor, indices: Tensor, logprobs: Tensor, tail: str, student_name: str = "student_logits",
+                student_dims: str = "[..., V]") -> None:
+    _check_floats({student_name: student}, student_dims)
     if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"teacher_topk_indices must be an int64 (or int32) tensor of vocabulary ids, got "
                         f"{getattr(indices, 'dtype', type(indices).__name__)}")
     _check_floats({"teacher_topk_logprobs": logprobs}, "[..., k]")
-    lead = tuple(student_logits.shape[:-1])
+    lead = tuple(student.shape[:-1])
     if indices.dim() < 1 or tuple(indices.shape[:-1]) != lead or indices.shape[-1] < 1:
         raise ValueError(f"teacher_topk_indices must have shape {lead + ('k',)} with k >= 1 (the leading shape of "
-                         f"student_logits), got {tuple(indices.shape)}")
+                         f"{student_name}), got {tuple(indices.shape)}")
     if logprobs.shape != indices.shape:
         raise ValueError(f"teacher_topk_logprobs shape {tuple(logprobs.shape)} differs from teacher_topk_indices "
                          f"shape {tuple(indices.shape)}")
     for name, value in (("teacher_topk_indices", indices), ("teacher_topk_logprobs", logprobs)):
-        if value.device != student_logits.device:
-            raise ValueError(f"{name} is on {value.device} but student_logits is on {student_logits.device}")
+        if value.device != student.device:
+            raise ValueError(f"{name} is on {value.device} but {student_name} is on {student.device}")
     if tail not in TOPK_TAILS:
         raise ValueError(f"tail must be one of {TOPK_TAILS}, got {tail!r}")
     if logprobs.requires_grad and torch.is_grad_enabled():
@@ -450,6 +457,13 @@ def _check_topk_ids(indices: Tensor, vocab: int) -> None:
         if bad.any():
             raise ValueError(f"topk_kd_loss: teacher_topk_indices row {int(bad.nonzero()[0, 0])} holds {what} "
                              "(rows of the inputs flattened to [N, k])")
+
+
+def _topk_backend(backend: str, device: torch.device, k: int) -> str:
+    backend = resolve_backend(backend, device, supported=("cpu", "triton", "reference"))
+    if backend == "triton" and k > TRITON_MAX_K:
+        raise ValueError(f"the triton backend of topk_kd_loss takes k <= {TRITON_MAX_K}, got k = {k}")
+    return backend
 
 
 def topk_kd_loss(
@@ -506,9 +520,7 @@ def topk_kd_loss(
         _check_target(target, student_logits)
     soft_keywords = _kd_keywords(locals(), _SOFT_KEYWORDS)
     options = _SoftOptions.checked(soft_keywords, target is not None)
-    backend = resolve_backend(backend, student_logits.device, supported=("cpu", "triton", "reference"))
-    if backend == "triton" and k > TRITON_MAX_K:
-        raise ValueError(f"the triton backend of topk_kd_loss takes k <= {TRITON_MAX_K}, got k = {k}")
+    backend = _topk_backend(backend, student_logits.device, k)
     if backend == "reference":
         _check_topk_ids(teacher_topk_indices, vocab)
         return reference.topk_kd_loss(student_logits, teacher_topk_indices, teacher_topk_logprobs, target, tail=tail,
@@ -524,6 +536,66 @@ def topk_kd_loss(
     if reduction == "none":
         return rows.reshape(lead_shape)
     return rows.sum()
+
+
+def fused_linear_topk_kd_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_topk_indices: Tensor,
+    teacher_topk_logprobs: Tensor,
+    target: Optional[Tensor] = None,
+    *,
+    student_bias: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+    tail: str = "renormalize",
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    ab_alpha: Optional[float] = None,
+    ab_beta: Optional[float] = None,
+    akl_mu: float = 0.5,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+    scale_by_temperature: bool = True,
+    num_items: Optional[Union[int, Tensor]] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """:func:`topk_kd_loss` of ``student_hidden @ student_weight.T + student_bias`` against a stored
+    teacher's top-k ids and log-probabilities, without ever holding more than one chunk of rows'
+    logits (as :func:`fused_linear_kd_loss` does for a live teacher). Hidden states ``[..., H]``,
+    weight ``[V, H]``, bias ``[V]``, ids and logprobs ``[..., k]``; gradients flow to the hidden
+    states, weight and bias. ``reduction`` is ``"batchmean"`` or ``"sum"``; ``chunk_size`` and
+    the other keywords as in :func:`fused_linear_kd_loss` and :func:`topk_kd_loss`."""
+    _check_topk(student_hidden, teacher_topk_indices, teacher_topk_logprobs, tail, "student_hidden", "[..., H]")
+    named = {"student_hidden": student_hidden, "student_weight": student_weight}
+    if student_bias is not None:
+        named["student_bias"] = student_bias
+    _check_floats(named, "[..., H] (hidden), [V, H] (weight), [V] (bias)")
+    _check_head("student", student_hidden, student_weight, student_bias)
+    if target is not None:
+        _check_target(target, student_hidden, "student_hidden")
+    _check_chunk_options(reduction, chunk_size)
+    soft_keywords = _kd_keywords(locals(), _SOFT_KEYWORDS)
+    options = _SoftOptions.checked(soft_keywords, target is not None)
+    vocab, k = student_weight.shape[0], teacher_topk_indices.shape[-1]
+    backend = _topk_backend(backend, student_hidden.device, k)
+    if backend == "reference":
+        _check_topk_ids(teacher_topk_indices, vocab)
+        return reference.topk_kd_loss(torch.nn.functional.linear(student_hidden, student_weight, student_bias),
+                                      teacher_topk_indices, teacher_topk_logprobs, target, tail=tail, **soft_keywords)
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    rows_target = None if target is None else target.reshape(-1).long()
+    student_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias))
+    loss, *_ = fused_linear_topk_kd_loss_op(
+        hidden, student_weight, student_bias, teacher_topk_indices.reshape(-1, k),
+        teacher_topk_logprobs.reshape(-1, k), rows_target, options.row_weight(rows_target, hidden),
+        options.kernel_temperature, options.soft_weight, options.hard_weight, divergence, options.divergence_args,
+        tail == "bucket", options.ignore_index, chunk_size or default_chunk_rows(hidden.shape[0], vocab, hidden.shape[1]),
+        student_grad, backend)
+    return loss
 
 
 def dkd_loss(

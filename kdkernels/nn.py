@@ -7,7 +7,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from kdkernels.functional import dist_loss, dkd_loss, fused_linear_kd_loss, kd_loss, topk_kd_loss
+from kdkernels.functional import (dist_loss, dkd_loss, fused_linear_kd_loss, fused_linear_topk_kd_loss, kd_loss,
+                                  topk_kd_loss)
 
 Tensor = torch.Tensor
 
@@ -64,6 +65,20 @@ class TopKKDLoss(_KeywordLoss):
     def forward(self, student_logits: Tensor, teacher_topk_indices: Tensor, teacher_topk_logprobs: Tensor,
                 target: Optional[Tensor] = None) -> Tensor:
         return topk_kd_loss(student_logits, teacher_topk_indices, teacher_topk_logprobs, target, **self.options)
+
+
+class FusedLinearTopKKDLoss(_KeywordLoss):
+    """Module form of :func:`kdkernels.fused_linear_topk_kd_loss`, with its keywords fixed at
+    construction: ``forward(student_hidden, student_weight, teacher_topk_indices,
+    teacher_topk_logprobs, target=None, student_bias=None)``."""
+
+    function = staticmethod(fused_linear_topk_kd_loss)
+
+    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_topk_indices: Tensor,
+                teacher_topk_logprobs: Tensor, target: Optional[Tensor] = None,
+                student_bias: Optional[Tensor] = None) -> Tensor:
+        return fused_linear_topk_kd_loss(student_hidden, student_weight, teacher_topk_indices, teacher_topk_logprobs,
+                                         target, student_bias=student_bias, **self.options)
 
 
 class DKDLoss(_KeywordLoss):

@@ -137,7 +137,7 @@ def test_module_opcheck_and_compile():
 
 
 @pytest.mark.parametrize("change, match", [
-    (lambda k: {**k, "student_weight": k["student_weight"][:, :5]}, "student_hidden has H = 8"),
+    (lambda k: {**k, "student_weight": k["student_weight"][:, :5]}, r"student_weight must be \[V, H\] with H = 8"),
     (lambda k: {**k, "teacher_hidden": k["teacher_hidden"][:4]}, "leading dimensions"),
     (lambda k: {**k, "teacher_weight": k["teacher_weight"].double()}, "teacher_weight dtype"),
     (lambda k: {**k, "student_bias": torch.zeros(3)}, "student_bias must be"),

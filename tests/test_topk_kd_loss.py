@@ -202,3 +202,59 @@ def test_bad_input_is_a_clear_error(backend, change, error, match):
         pytest.skip("the reference takes the target as F.cross_entropy does")
     with pytest.raises(error, match=match):
         kdk.topk_kd_loss(s, ids, logprobs, y, backend=backend, **kwargs)
+
+
+# ---- fused_linear_topk_kd_loss ---------------------------------------------------------------
+
+def _head(dtype: torch.dtype, vocab: int = 300, hidden: int = 24, seed: int = 13):
+    generator = torch.Generator().manual_seed(seed)
+    h = (torch.randn(2, 7, hidden, generator=generator)).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, hidden, generator=generator) / hidden**0.5).to(dtype).requires_grad_()
+    bias = torch.randn(vocab, generator=generator).to(dtype).requires_grad_()
+    return h, weight, bias
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_fused_linear_matches_topk_on_the_logits(tail, dtype, chunk_size):
+    h, weight, bias = _head(dtype)
+    ids, logprobs = make_topk((2, 7), 300, 12, dtype=torch.float16)
+    y = make_target((2, 7), 300, ignored=True)
+    kwargs = dict(tail=tail, divergence="jsd", beta=0.3, temperature=2.0, alpha=0.6)
+    loss = kdk.fused_linear_topk_kd_loss(h, weight, ids, logprobs, y, student_bias=bias, chunk_size=chunk_size,
+                                         **kwargs)
+    grads = torch.autograd.grad(loss, [h, weight, bias])
+    exact_inputs = [x.detach().double().requires_grad_() for x in (h, weight, bias)]
+    exact = kdk.reference.topk_kd_loss(torch.nn.functional.linear(*exact_inputs), ids, logprobs.double(), y, **kwargs)
+    exact_grads = torch.autograd.grad(exact, exact_inputs)
+    # bf16 logits are rounded before the kernel sees them, as a bf16 head would round them.
+    tolerance = 2e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(loss.double(), exact.detach(), rtol=tolerance, atol=tolerance)
+    for grad, exact_grad, x in zip(grads, exact_grads, (h, weight, bias)):
+        assert grad.dtype == x.dtype and grad.shape == x.shape
+        torch.testing.assert_close(grad.double(), exact_grad, rtol=tolerance,
+                                   atol=tolerance * exact_grad.abs().max().item())
+
+
+def test_fused_linear_gradcheck_opcheck_and_module():
+    h, weight, bias = (x.detach().double().requires_grad_() for x in _head(torch.float32, vocab=11, hidden=3))
+    ids, logprobs = make_topk((2, 7), 11, 4, dtype=torch.float64)
+    y = make_target((2, 7), 11, ignored=True)
+    assert torch.autograd.gradcheck(
+        lambda a, w, b: kdk.fused_linear_topk_kd_loss(a, w, ids, logprobs, y, student_bias=b, chunk_size=4,
+                                                      tail="bucket", temperature=1.5), (h, weight, bias))
+    torch.library.opcheck(torch.ops.kdkernels.fused_linear_topk_kd_loss.default,
+                          (h.reshape(14, 3), weight, bias, ids.reshape(14, 4), logprobs.reshape(14, 4),
+                           y.reshape(14), torch.tensor(0.1, dtype=torch.float64), 1.0, 0.5, 0.5, "forward_kl", [],
+                           True, -100, 4, True, "cpu"))
+    module = kdk.FusedLinearTopKKDLoss(tail="bucket", chunk_size=4)
+    torch.testing.assert_close(module(h, weight, ids, logprobs, y, student_bias=bias),
+                               kdk.fused_linear_topk_kd_loss(h, weight, ids, logprobs, y, student_bias=bias,
+                                                             tail="bucket", chunk_size=4))
+    with pytest.raises(ValueError, match="reduction='batchmean' or 'sum'"):
+        kdk.fused_linear_topk_kd_loss(h, weight, ids, logprobs, reduction="none")
+    with pytest.raises(ValueError, match=r"student_weight must be \[V, H\] with H = 3"):
+        kdk.fused_linear_topk_kd_loss(h, weight.T, ids, logprobs)
+    with pytest.raises(ValueError, match="teacher_topk_indices row 0 holds an id twice"):
+        kdk.fused_linear_topk_kd_loss(h, weight, ids.clone().fill_(1), logprobs)

@@ -234,3 +234,20 @@ def test_triton_topk_errors_and_ignored_rows():
     with pytest.raises(ValueError, match="k <= 2047"):
         kdk.topk_kd_loss(make_logits((1,), 3000, torch.float32, device=DEVICE),
                          *make_topk((1,), 3000, 2048, device=DEVICE), backend="triton")
+
+
+def test_triton_fused_linear_topk():
+    generator = torch.Generator().manual_seed(22)
+    hidden = torch.randn(9, 16, generator=generator).to(DEVICE).requires_grad_()
+    weight = (torch.randn(700, 16, generator=generator) / 4).to(DEVICE).requires_grad_()
+    ids, logprobs = make_topk((9,), 700, 32, device=DEVICE)
+    target = make_target((9,), 700, ignored=True, device=DEVICE)
+    kwargs = dict(tail="bucket", divergence="skew_kl", temperature=2.0)
+    loss = kdk.fused_linear_topk_kd_loss(hidden, weight, ids, logprobs, target, chunk_size=4, backend="triton",
+                                         **kwargs)
+    grads = torch.autograd.grad(loss, [hidden, weight])
+    expected = kdk.fused_linear_topk_kd_loss(hidden, weight, ids, logprobs, target, backend="reference", **kwargs)
+    expected_grads = torch.autograd.grad(expected, [hidden, weight])
+    torch.testing.assert_close(loss, expected, rtol=5e-5, atol=5e-5)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=2e-5, atol=2e-5 * expected_grad.abs().max().item())

@@ -30,8 +30,41 @@ def default_chunk_rows(rows: int, vocab: int, hidden: int) -> int:
     return min(chunk, max(rows, 1))
 
 
-def _project(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def project(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return torch.nn.functional.linear(hidden, weight, bias)
+
+
+def gradient_buffers(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], wanted: bool) -> list[Tensor]:
+    """(d hidden, d weight, d bias) to fill chunk by chunk, empty when not wanted. Weight and bias
+    gradients sum over every chunk: accumulated in fp32 (fp64), rounded once (rounded_gradients)."""
+    if not wanted:
+        return [hidden.new_empty(0) for _ in range(3)]
+    acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    return [torch.empty_like(hidden), torch.zeros_like(weight, dtype=acc_dtype),
+            torch.zeros(weight.shape[0] if bias is not None else 0, dtype=acc_dtype, device=weight.device)]
+
+
+def accumulate_gradients(grads: list[Tensor], grad_logits: Tensor, hidden: Tensor, weight: Tensor,
+                         chunk: slice) -> None:
+    """Adds one chunk's share to gradient_buffers from its logit gradients and hidden states."""
+    grad_hidden, grad_weight, grad_bias = grads
+    torch.matmul(grad_logits, weight, out=grad_hidden[chunk])
+    grad_weight.addmm_(grad_logits.t().to(grad_weight.dtype), hidden.to(grad_weight.dtype))
+    if grad_bias.numel():
+        grad_bias += grad_logits.sum(0, dtype=grad_bias.dtype)
+
+
+def rounded_gradients(grads: list[Tensor], weight: Tensor) -> list[Tensor]:
+    """gradient_buffers with the weight and bias gradients in the weight's dtype."""
+    return [grads[0], grads[1].to(weight.dtype), grads[2].to(weight.dtype)]
+
+
+def gradients_like(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], wanted: bool) -> list[Tensor]:
+    """The fake (meta) form of rounded_gradients."""
+    if not wanted:
+        return [hidden.new_empty(0) for _ in range(3)]
+    return [torch.empty_like(hidden), torch.empty_like(weight),
+            weight.new_empty(weight.shape[0] if bias is not None else 0)]
 
 
 @torch.library.custom_op("kdkernels::fused_linear_kd_loss", mutates_args=())
@@ -53,20 +86,13 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, student
     loss = torch.zeros((), dtype=acc_dtype, device=student_hidden.device)
     status = torch.zeros(rows, dtype=torch.int8, device=student_hidden.device)
 
-    def grads_of(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], wanted: bool) -> list[Tensor]:
-        if not wanted:
-            return [hidden.new_empty(0) for _ in range(3)]
-        # Weight and bias gradients sum over every chunk: accumulated in fp32 (fp64), rounded once.
-        return [torch.empty_like(hidden), torch.zeros_like(weight, dtype=acc_dtype),
-                torch.zeros(vocab if bias is not None else 0, dtype=acc_dtype, device=weight.device)]
-
-    student_grads = grads_of(student_hidden, student_weight, student_bias, student_grad)
-    teacher_grads = grads_of(teacher_hidden, teacher_weight, teacher_bias, teacher_grad)
+    student_grads = gradient_buffers(student_hidden, student_weight, student_bias, student_grad)
+    teacher_grads = gradient_buffers(teacher_hidden, teacher_weight, teacher_bias, teacher_grad)
     for start in range(0, rows, chunk_rows):
         chunk = slice(start, min(start + chunk_rows, rows))
         h_s, h_t = student_hidden[chunk], teacher_hidden[chunk]
-        logits_s = _project(h_s, student_weight, student_bias)
-        logits_t = _project(h_t, teacher_weight, teacher_bias)
+        logits_s = project(h_s, student_weight, student_bias)
+        logits_t = project(h_t, teacher_weight, teacher_bias)
         rows_loss, grad_s, grad_t, rows_status = forward(
             logits_s, logits_t, None if target is None else target[chunk], row_weight, temperature, softcap, standardize,
             soft_weight, hard_weight, DIVERGENCES[divergence].kernel_id, divergence_args, ignore_index, student_grad, teacher_grad)
@@ -76,17 +102,10 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, student
         for wanted, grad_logits, hidden, weight, grads in (
                 (student_grad, grad_s, h_s, student_weight, student_grads),
                 (teacher_grad, grad_t, h_t, teacher_weight, teacher_grads)):
-            if not wanted:
-                continue
-            grad_hidden, grad_weight, grad_bias = grads
-            torch.matmul(grad_logits, weight, out=grad_hidden[chunk])
-            grad_weight.addmm_(grad_logits.t().to(acc_dtype), hidden.to(acc_dtype))
-            if grad_bias.numel():
-                grad_bias += grad_logits.sum(0, dtype=acc_dtype)
+            if wanted:
+                accumulate_gradients(grads, grad_logits, hidden, weight, chunk)
     raise_for_status(status, target, vocab, ignore_index)
-    rounded = [student_grads[0], student_grads[1].to(student_weight.dtype), student_grads[2].to(student_weight.dtype),
-               teacher_grads[0], teacher_grads[1].to(teacher_weight.dtype), teacher_grads[2].to(teacher_weight.dtype)]
-    return (loss, *rounded)
+    return (loss, *rounded_gradients(student_grads, student_weight), *rounded_gradients(teacher_grads, teacher_weight))
 
 
 @fused_linear_kd_loss.register_fake
@@ -94,32 +113,9 @@ def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weig
       temperature, softcap, standardize, soft_weight, hard_weight, divergence, divergence_args, ignore_index, chunk_rows,
       student_grad, teacher_grad, backend):
     acc_dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
-
-    def grads_like(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], wanted: bool) -> list[Tensor]:
-        if not wanted:
-            return [hidden.new_empty(0) for _ in range(3)]
-        return [torch.empty_like(hidden), torch.empty_like(weight),
-                weight.new_empty(weight.shape[0] if bias is not None else 0)]
-
     return (student_hidden.new_empty((), dtype=acc_dtype),
-            *grads_like(student_hidden, student_weight, student_bias, student_grad),
-            *grads_like(teacher_hidden, teacher_weight, teacher_bias, teacher_grad))
+            *gradients_like(student_hidden, student_weight, student_bias, student_grad),
+            *gradients_like(teacher_hidden, teacher_weight, teacher_bias, teacher_grad))
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    grads = output[1:]
-    ctx.save_for_backward(*grads)
-    ctx.mark_non_differentiable(*grads)
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_loss: Optional[Tensor], *_grad_outputs):
-    if grad_loss is None:
-        return (None,) * 20
-    saved_gradients.check_first_order()
-    # A gradient the forward was not asked for (or of an absent bias) is saved empty.
-    grads = [grad if needed and grad.numel() else None for grad, needed in zip(ctx.saved_tensors, ctx.needs_input_grad)]
-    return (*saved_gradients.scaled(grads, grad_loss),) + (None,) * 14
-
-
-fused_linear_kd_loss.register_autograd(_backward, setup_context=_setup_context)
+saved_gradients.register_leading_gradients_autograd(fused_linear_kd_loss, num_inputs=20)

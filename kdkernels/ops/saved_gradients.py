@@ -64,3 +64,25 @@ def register_student_gradient_autograd(op, num_inputs: int, per_row: bool) -> No
         return (*scaled([grad_student if wanted else None], scale),) + (None,) * (num_inputs - 1)
 
     op.register_autograd(backward, setup_context=setup_context)
+
+
+def register_leading_gradients_autograd(op, num_inputs: int) -> None:
+    """Autograd of a custom op whose outputs are a scalar loss and then the gradients the forward
+    wrote for its leading inputs, in order (each empty when not asked for or absent): backward
+    scales them by the upstream gradient."""
+
+    def setup_context(ctx, inputs, output) -> None:
+        grads = output[1:]
+        ctx.save_for_backward(*grads)
+        ctx.mark_non_differentiable(*grads)
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_loss: Optional[Tensor], *_grad_outputs):
+        if grad_loss is None:
+            return (None,) * num_inputs
+        check_first_order()
+        grads = [grad if needed and grad.numel() else None
+                 for grad, needed in zip(ctx.saved_tensors, ctx.needs_input_grad)]
+        return (*scaled(grads, grad_loss),) + (None,) * (num_inputs - len(grads))
+
+    op.register_autograd(backward, setup_context=setup_context)

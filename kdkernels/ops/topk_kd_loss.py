@@ -27,6 +27,18 @@ def kernel(backend: str) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
     raise ValueError(f"topk_kd_loss has kernels for the 'cpu' and 'triton' backends, not {backend!r}")
 
 
+def sorted_topk(indices: Tensor, logprobs: Tensor, logits_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The ids and logprobs as the kernels take them: each row sorted by id (the kernels walk the
+    ids along the row), int64, and the logprobs in the accumulation dtype of the logits."""
+    acc_dtype = torch.float64 if logits_dtype == torch.float64 else torch.float32
+    indices, order = indices.sort(dim=-1)
+    return indices.long().contiguous(), logprobs.gather(-1, order).to(acc_dtype).contiguous()
+
+
+def raise_for_topk_status(status: Tensor, target: Optional[Tensor], vocab: int, ignore_index: int) -> None:
+    raise_for_status(status, target, vocab, ignore_index, "topk_kd_loss", teacher="teacher_topk_logprobs")
+
+
 @torch.library.custom_op("kdkernels::topk_kd_loss_rows", mutates_args=())
 def topk_kd_loss_rows(student: Tensor, indices: Tensor, logprobs: Tensor, target: Optional[Tensor],
                       row_weight: Optional[Tensor], temperature: float, soft_weight: float, hard_weight: float,
@@ -37,13 +49,11 @@ def topk_kd_loss_rows(student: Tensor, indices: Tensor, logprobs: Tensor, target
     (any float dtype), 0 at rows whose target is ignore_index, and their student gradients (empty
     [0, V] when not asked for). D is over the k ids and the rest of the vocabulary, the rest with
     the teacher's remaining mass when `bucket`, else masked (csrc/topk_kd_loss.h)."""
-    acc_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
-    indices, order = indices.sort(dim=-1)  # the kernels walk the ids along the row
-    logprobs = logprobs.gather(-1, order).to(acc_dtype)
+    indices, logprobs = sorted_topk(indices, logprobs, student.dtype)
     loss, grad_student, status = kernel(backend)(
-        student, indices.long().contiguous(), logprobs.contiguous(), target, row_weight, temperature, soft_weight,
-        hard_weight, DIVERGENCES[divergence].kernel_id, divergence_args, bucket, ignore_index, student_grad)
-    raise_for_status(status, target, student.shape[1], ignore_index, "topk_kd_loss", teacher="teacher_topk_logprobs")
+        student, indices, logprobs, target, row_weight, temperature, soft_weight, hard_weight,
+        DIVERGENCES[divergence].kernel_id, divergence_args, bucket, ignore_index, student_grad)
+    raise_for_topk_status(status, target, student.shape[1], ignore_index)
     return loss, grad_student
 
 
