@@ -1,7 +1,9 @@
 """Benchmark of the loss step of LLM distillation from hidden states: fused_linear_kd_loss against
 the unfused path (both LM heads materialise the full logits, then kd_loss) and against the
-reference (the same heads, then kdkernels.reference.kd_loss). Forward + backward time and peak
-memory above the inputs, gradients of the student's hidden states and head weight included.
+reference (the same heads, then kdkernels.reference.kd_loss); and, against a teacher stored as its
+top-64 (int32 ids, fp16 logprobs, tail="bucket"), fused_linear_topk_kd_loss against its unfused
+path (the student head's full logits, then topk_kd_loss). Forward + backward time and peak memory
+above the inputs, gradients of the student's hidden states and head weight included.
 
 Each CPU measurement runs in a fresh process, as in kdkernels.benchmark."""
 
@@ -21,8 +23,14 @@ import kdkernels
 from kdkernels import reference
 from kdkernels.benchmark import DTYPES, environment, reset_peak_rss, rss_bytes, step_seconds
 
-IMPLEMENTATIONS = ("fused", "unfused", "reference")
+IMPLEMENTATIONS = ("unfused", "fused", "reference", "unfused_topk", "fused_topk")
 LOSS_OPTIONS = dict(temperature=2.0, alpha=0.5)
+TOPK = 64
+
+
+def _baseline(impl: str) -> str:
+    """The unfused path that an implementation is compared with."""
+    return "unfused_topk" if impl.endswith("topk") else "unfused"
 
 
 def _loss_fn(impl: str) -> Callable[..., torch.Tensor]:
@@ -40,6 +48,12 @@ def _loss_fn(impl: str) -> Callable[..., torch.Tensor]:
         return unfused(kdkernels.kd_loss)
     if impl == "reference":
         return unfused(reference.kd_loss)
+    if impl == "fused_topk":
+        return lambda h_s, w_s, ids, logprobs, y: kdkernels.fused_linear_topk_kd_loss(
+            h_s, w_s, ids, logprobs, y, tail="bucket", **LOSS_OPTIONS)
+    if impl == "unfused_topk":
+        return lambda h_s, w_s, ids, logprobs, y: kdkernels.topk_kd_loss(
+            torch.nn.functional.linear(h_s, w_s), ids, logprobs, y, tail="bucket", **LOSS_OPTIONS)
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
 
 
@@ -53,11 +67,17 @@ def measure(impl: str, rows: int, hidden: int, vocab: int, dtype: str, device: s
     h_s, w_s = randn(rows, hidden, scale=1.0).requires_grad_(), randn(vocab, hidden, scale=0.05).requires_grad_()
     h_t, w_t = randn(rows, hidden, scale=1.0), randn(vocab, hidden, scale=0.05)
     target = torch.randint(0, vocab, (rows,), device=device, generator=generator)
+    teacher: tuple[torch.Tensor, ...] = (h_t, w_t)
+    if impl.endswith("topk"):
+        with torch.no_grad():
+            logprobs, ids = torch.nn.functional.linear(h_t, w_t).float().log_softmax(-1).topk(TOPK, dim=-1)
+        teacher = (ids.int(), logprobs.half())
+        del h_t, w_t
     fn = _loss_fn(impl)
 
     def step() -> None:
         h_s.grad = w_s.grad = None
-        fn(h_s, w_s, h_t, w_t, target).backward()
+        fn(h_s, w_s, *teacher, target).backward()
 
     times = step_seconds(lambda _: step(), device, repeats)
     h_s.grad = w_s.grad = None
@@ -90,11 +110,12 @@ def _measure_in_subprocess(impl: str, rows: int, hidden: int, vocab: int, dtype:
 
 
 def format_table(results: list[dict]) -> str:
-    """Markdown table with time and peak memory relative to the unfused path."""
+    """Markdown table with time and peak memory relative to the unfused path of the same teacher."""
     lines = ["| N x H x V | dtype | implementation | fwd+bwd ms | peak MiB | peak / logits | time / unfused "
              "| peak / unfused |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in results:
-        unfused = next(o for o in results if o["impl"] == "unfused" and (o["vocab"], o["dtype"]) == (r["vocab"], r["dtype"]))
+        unfused = next(o for o in results if o["impl"] == _baseline(r["impl"])
+                       and (o["vocab"], o["dtype"]) == (r["vocab"], r["dtype"]))
         peak_ratio = f"{r['peak_bytes'] / unfused['peak_bytes']:.3f}" if r["peak_bytes"] > 0 < unfused["peak_bytes"] else ""
         peak = f"{r['peak_bytes'] / 2**20:.0f}" if r["peak_bytes"] >= 0 else "n/a"
         in_logits = f"{r['peak_in_logits']:.2f}" if r["peak_in_logits"] is not None else "n/a"
@@ -121,7 +142,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     results = []
     for vocab in args.vocab:
         for dtype in args.dtype:
-            for impl in ("unfused", "fused", "reference"):
+            for impl in IMPLEMENTATIONS:
                 if args.device == "cpu":
                     result = _measure_in_subprocess(impl, args.rows, args.hidden, vocab, dtype, args.repeats)
                 else:

@@ -1,11 +1,17 @@
-"""Shared helpers: input factories and the comparison against kdkernels.reference."""
+"""Shared helpers: input factories and the comparison against kdkernels.reference. Without CUDA,
+the Triton kernels run on CPU tensors under Triton's interpreter: TRITON_INTERPRET=1 is set here,
+before any test module imports something that imports triton."""
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import kdkernels as kdk
 from kdkernels import reference

@@ -1,12 +1,12 @@
 """GPU-only checks (skipped without CUDA): both GPU backends on LLM vocabularies, N * V > 2^31,
-backend="auto", and torch.compile(fullgraph=True)."""
+backend="auto", and torch.compile(fullgraph=True); the Triton top-k kernel likewise."""
 
 import pytest
 import torch
 
 import kdkernels as kdk
 from kdkernels import reference
-from conftest import assert_matches_reference, make_logits, make_target
+from conftest import assert_matches_reference, assert_topk_matches_reference, make_logits, make_target, make_topk
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 GPU_BACKENDS = [b for b in ("triton", "cuda") if torch.cuda.is_available() and b in kdk.available_backends("cuda")]
@@ -66,3 +66,31 @@ def test_gpu_matches_reference_small(backend):
     t = make_logits((3, 5), 1000, torch.float16, contiguous=False, seed=6, device="cuda")
     y = make_target((3, 5), 1000, ignored=True, device="cuda")
     assert_matches_reference(s, t, y, backend=backend, divergence="jsd", temperature=4.0, reduction="none")
+
+
+@pytest.mark.parametrize("vocab, k", [(128256, 64), (151936, 1024), (256000, 8)])
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_topk_llm_vocabularies(vocab, k, tail):
+    student = make_logits((16,), vocab, torch.bfloat16, seed=7, device="cuda")
+    ids, logprobs = make_topk((16,), vocab, k, dtype=torch.float16, device="cuda")
+    target = make_target((16,), vocab, ignored=True, device="cuda")
+    assert_topk_matches_reference(student, ids, logprobs, target, "triton", tail=tail, temperature=2.0)
+
+
+def test_topk_more_than_2_31_elements():
+    rows, vocab, k = 16384, 151936, 64
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    student = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16, generator=generator).requires_grad_(True)
+    ids = torch.stack([torch.randperm(vocab, device="cuda", generator=generator)[:k] for _ in range(8)]).repeat(
+        rows // 8, 1)
+    logprobs = torch.randn(rows, k, device="cuda", generator=generator).log_softmax(-1) - 0.1
+    loss = kdk.topk_kd_loss(student, ids, logprobs, tail="bucket", reduction="none", backend="triton")
+    (grad,) = torch.autograd.grad(loss.sum(), [student])
+    for rows_checked in (slice(0, 4), slice(rows - 4, rows)):  # the last rows lie past 2^31 elements
+        s = student.detach()[rows_checked].double().requires_grad_(True)
+        ref = reference.topk_kd_loss(s, ids[rows_checked], logprobs[rows_checked].double(), tail="bucket",
+                                     reduction="none")
+        (ref_grad,) = torch.autograd.grad(ref.sum(), [s])
+        torch.testing.assert_close(loss[rows_checked].double(), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(grad[rows_checked].double(), ref_grad, rtol=2e-2,
+                                   atol=2e-2 * ref_grad.abs().max().item())

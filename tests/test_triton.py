@@ -1,15 +1,11 @@
 """The Triton kernel against kdkernels.reference. On a machine without a GPU it runs on CPU
-tensors under Triton's interpreter (TRITON_INTERPRET=1, set here before the kernel module is
-imported); with CUDA it runs on the GPU."""
-
-import os
+tensors under Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py before anything imports
+triton); with CUDA it runs on the GPU."""
 
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
 import kdkernels as kdk  # noqa: E402

@@ -18,16 +18,16 @@ from kdkernels.ops.kd_loss import DIVERGENCES, kernel, raise_for_status
 Tensor = torch.Tensor
 
 
-# A chunk's logits hold at least this many entries, so that its matmuls stay efficient.
-MIN_CHUNK_ENTRIES = 1 << 21
+# A chunk holds at least this many rows, so that its matmuls stay efficient (on CPU, 64-row chunks
+# at V = 32000 took 1.8x the time of 256-row ones).
+MIN_CHUNK_ROWS = 256
 
 
 def default_chunk_rows(rows: int, vocab: int, hidden: int) -> int:
     """Rows per chunk, a power of two: a chunk's logits about as large as all the hidden states
-    (rows * hidden entries), but not below MIN_CHUNK_ENTRIES nor above all rows."""
-    budget = max(rows * hidden, MIN_CHUNK_ENTRIES)
-    chunk = 1 << max(0, math.floor(math.log2(max(1, budget // max(vocab, 1)))))
-    return min(chunk, max(rows, 1))
+    (rows * hidden entries), but not below MIN_CHUNK_ROWS nor above all rows."""
+    chunk = 1 << max(0, math.floor(math.log2(max(1, rows * hidden // max(vocab, 1)))))
+    return min(max(chunk, MIN_CHUNK_ROWS), max(rows, 1))
 
 
 def project(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
