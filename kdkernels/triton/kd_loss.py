@@ -334,6 +334,21 @@ def row_target(Y, row, V, ignore_index, HAS_TARGET: tl.constexpr):
     return y, ignored, status
 
 
+@triton.jit
+def hard_label_term(s_row, y, V, m_c, logz_c, hard_weight, status, ignored, HAS_TARGET: tl.constexpr):
+    """A row's CE term -log softmax(student)[y] from the student's (max m_c, log sum logz_c) at
+    T = 1, its final status (a target on a -inf logit is an error where the CE term is on; an
+    ignored row is fine) and whether the row counts."""
+    ce = tl.zeros_like(m_c)
+    if HAS_TARGET:
+        logit_y = tl.load(s_row + tl.where((y >= 0) & (y < V), y, 0)).to(m_c.dtype)
+        if status == 0:
+            status = tl.where((logit_y == float("-inf")) & (hard_weight != 0), _TARGET_MASKED, 0)
+        ce = (m_c - logit_y) + logz_c
+    status = tl.where(ignored, 0, status)
+    return ce, status, (status == 0) & (not ignored)
+
+
 def row_outputs(student: Tensor, student_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The outputs of a row kernel on [N, V] logits: loss [N] in the accumulation dtype, the
     student gradient [N, V] (empty [0, V] when not wanted) and status [N] int8."""
@@ -437,15 +452,7 @@ def _kd_loss_kernel(
         logz_c = logz_a
     else:
         logz_c = tl.log(z_c)
-    ce = zero
-    if HAS_TARGET:
-        y_safe = tl.where((y >= 0) & (y < V), y, 0)
-        logit_y = tl.load(s_row + y_safe).to(ACC)
-        if status == 0:
-            status = tl.where((logit_y == neg_inf) & (hard_weight != 0), _TARGET_MASKED, 0)
-        ce = (m_c - logit_y) + logz_c
-    status = tl.where(ignored, 0, status)
-    live = (status == 0) & (not ignored)
+    ce, status, live = hard_label_term(s_row, y, V, m_c, logz_c, hard_weight, status, ignored, HAS_TARGET)
 
     # Row sums of the divergence terms: from the statistics, or read 2.
     value = zero

@@ -17,12 +17,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kdkernels.triton.kd_loss import ADAPTIVE_KL, _merge, _terms, divergence_params, row_block, row_outputs, row_target
+from kdkernels.triton.kd_loss import (ADAPTIVE_KL, _merge, _terms, divergence_params, hard_label_term, row_block,
+                                      row_outputs, row_target)
 
 Tensor = torch.Tensor
 
 # Row status codes of csrc/row_status.h.
-_TARGET_MASKED = tl.constexpr(2)
 _STUDENT_NON_FINITE = tl.constexpr(3)
 _TEACHER_NON_FINITE = tl.constexpr(4)
 _STUDENT_ALL_MASKED = tl.constexpr(5)
@@ -145,14 +145,7 @@ def _topk_kd_loss_kernel(
         logz_c = logz_a
     else:
         logz_c = tl.log(z_c)
-    ce = zero
-    if HAS_TARGET:
-        logit_y = tl.load(s_row + tl.where((y >= 0) & (y < V), y, 0)).to(ACC)
-        if status == 0:
-            status = tl.where((logit_y == neg_inf) & (hard_weight != 0), _TARGET_MASKED, 0)
-        ce = (m_c - logit_y) + logz_c
-    status = tl.where(ignored, 0, status)
-    live = (status == 0) & (not ignored)
+    ce, status, live = hard_label_term(s_row, y, V, m_c, logz_c, hard_weight, status, ignored, HAS_TARGET)
 
     # The divergence over the categories.
     shared = (a_cat > neg_inf) & (b > neg_inf)
