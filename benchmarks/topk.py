@@ -18,25 +18,10 @@ import torch
 
 import kdkernels
 from kdkernels import reference
-from kdkernels.benchmark import environment, reset_peak_rss, rss_bytes, step_seconds
+from kdkernels.benchmark import environment, peak_bytes, step_seconds
 
 OPTIONS = dict(temperature=2.0, alpha=0.5)
 K = 64
-
-
-def peak_bytes(run, device: str) -> int:
-    """Peak memory of one call of run() above what was live before it."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        run()
-        return torch.cuda.max_memory_allocated() - base
-    base = rss_bytes("VmRSS")
-    if not reset_peak_rss():
-        return -1
-    run()
-    return rss_bytes("VmHWM") - base
 
 
 def main() -> None:

@@ -1,12 +1,17 @@
 """kdkernels: fused knowledge-distillation kernels for PyTorch."""
 
-from kdkernels.functional import (dist_loss, dkd_loss, fused_linear_kd_loss, fused_linear_topk_kd_loss, kd_loss,
-                                  topk_kd_loss)
-from kdkernels.nn import DISTLoss, DKDLoss, FusedLinearKDLoss, FusedLinearTopKKDLoss, KDLoss, TopKKDLoss
+from kdkernels.functional import (attention_transfer_loss, dist_loss, dkd_loss, fused_linear_kd_loss,
+                                  fused_linear_topk_kd_loss, gram, hint_loss, kd_loss, pairwise_distance, pkt_loss,
+                                  rkd_angle_loss, rkd_distance_loss, similarity_preserving_loss, topk_kd_loss)
+from kdkernels.nn import (AttentionTransferLoss, DISTLoss, DKDLoss, FusedLinearKDLoss, FusedLinearTopKKDLoss, HintAdapter,
+                          HintLoss, KDLoss, PKTLoss, RKDAngleLoss, RKDDistanceLoss, SimilarityPreservingLoss, TopKKDLoss)
 from kdkernels.ops import available_backends
 
 __version__ = "0.1.0"
 
-__all__ = ["DISTLoss", "DKDLoss", "FusedLinearKDLoss", "FusedLinearTopKKDLoss", "KDLoss", "TopKKDLoss",
-           "available_backends", "dist_loss", "dkd_loss", "fused_linear_kd_loss", "fused_linear_topk_kd_loss", "kd_loss",
-           "topk_kd_loss", "__version__"]
+__all__ = ["AttentionTransferLoss", "DISTLoss", "DKDLoss", "FusedLinearKDLoss", "FusedLinearTopKKDLoss", "HintAdapter",
+           "HintLoss", "KDLoss", "PKTLoss", "RKDAngleLoss", "RKDDistanceLoss", "SimilarityPreservingLoss",
+           "TopKKDLoss", "attention_transfer_loss", "available_backends", "dist_loss", "dkd_loss",
+           "fused_linear_kd_loss", "fused_linear_topk_kd_loss", "gram", "hint_loss", "kd_loss", "pairwise_distance",
+           "pkt_loss", "rkd_angle_loss", "rkd_distance_loss", "similarity_preserving_loss", "topk_kd_loss",
+           "__version__"]

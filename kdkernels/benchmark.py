@@ -88,6 +88,21 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def peak_bytes(run: Callable[[], object], device: str) -> int:
+    """Peak memory of one call of run() above what was live before it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        return torch.cuda.max_memory_allocated() - base
+    base = rss_bytes("VmRSS")
+    if not reset_peak_rss():
+        return -1
+    run()
+    return rss_bytes("VmHWM") - base
+
+
 def _inputs(rows: int, vocab: int, dtype: str, device: str, seed: int) -> tuple[torch.Tensor, ...]:
     generator = torch.Generator(device=device).manual_seed(seed)
     student = torch.randn(rows, vocab, device=device, generator=generator).mul_(2).to(DTYPES[dtype])

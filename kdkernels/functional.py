@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -14,9 +14,12 @@ from kdkernels.ops import DIVERGENCES, kd_loss_rows, resolve_backend
 from kdkernels.ops.backends import BACKENDS
 from kdkernels.ops.dist_loss import dist_loss_op
 from kdkernels.ops.dkd_loss import dkd_loss_rows
+from kdkernels.ops.feature import attention_transfer_loss as attention_transfer_op
+from kdkernels.ops.feature import squared_error
 from kdkernels.ops.fused_linear_kd_loss import default_chunk_rows
 from kdkernels.ops.fused_linear_kd_loss import fused_linear_kd_loss as fused_linear_kd_loss_op
 from kdkernels.ops.fused_linear_topk_kd_loss import fused_linear_topk_kd_loss as fused_linear_topk_kd_loss_op
+from kdkernels.ops.relation import relation_loss, relation_matrix
 from kdkernels.ops.topk_kd_loss import TRITON_MAX_K, topk_kd_loss_rows
 
 Tensor = torch.Tensor
@@ -685,4 +688,195 @@ def dist_loss(
     student, teacher = _kernel_rows(student_logits, classes), _kernel_rows(teacher_logits, classes)
     loss, _ = dist_loss_op(student, teacher, temperature, beta, gamma, eps,
                            torch.is_grad_enabled() and student_logits.requires_grad, backend)
+    return loss
+
+
+_RELATION_BACKENDS = ("cpu", "triton", "reference")
+
+
+def _flat_features(name: str, x: Tensor) -> Tensor:
+    """[N, ...] features as [N, D] with unit stride along D (a view when possible)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dim() < 2 or x.shape[0] < 1 or x[0].numel() < 1:
+        raise ValueError(f"{name} must be [N, ...] features with N >= 1 and at least one feature per sample, "
+                         f"got shape {tuple(x.shape)}")
+    rows = x.reshape(x.shape[0], -1)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _relation_eps(eps: float) -> float:
+    return _check_number("eps", eps, 0.0, math.inf, open_low=True, open_high=True)
+
+
+def pairwise_distance(x: Tensor, *, squared: bool = False, eps: float = 1e-12, backend: str = "auto") -> Tensor:
+    """Euclidean distances between the N samples of ``x [N, ...]`` (flattened from dim 1), ``[N, N]``
+    in the input dtype: ``max(|x_i|^2 + |x_j|^2 - 2 x_i.x_j, eps)``, its square root unless
+    ``squared``, and 0 on the diagonal (Park et al.'s ``pdist``, the distances of RKD). Norms,
+    product and epilogue in one kernel, fp32 accumulation; the gradient is 0 where clamped.
+    ``backend``: "auto", "cpu", "triton" or "reference"."""
+    rows = _flat_features("x", x)
+    eps = _relation_eps(eps)
+    backend = resolve_backend(backend, x.device, supported=_RELATION_BACKENDS)
+    if backend == "reference":
+        return reference.pairwise_distance(x, squared=squared, eps=eps)
+    return relation_matrix(rows, "squared_distance" if squared else "distance", eps, backend).to(x.dtype)
+
+
+_GRAM_NORMALIZATIONS = (None, "rows", "cosine")
+
+
+def gram(x: Tensor, *, normalize: Optional[str] = None, eps: float = 1e-12, backend: str = "auto") -> Tensor:
+    """The Gram matrix ``x x^T`` of the N samples of ``x [N, ...]`` (flattened from dim 1), ``[N, N]``
+    in the input dtype. ``normalize="rows"`` L2-normalises its rows (the similarity matrix of Tung &
+    Mori's SP); ``"cosine"`` divides every sample by its norm first (cosine similarities); both as
+    ``F.normalize(., eps=eps)``. fp32 accumulation. ``backend``: "auto", "cpu", "triton" or
+    "reference"."""
+    if normalize not in _GRAM_NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {_GRAM_NORMALIZATIONS}, got {normalize!r}")
+    rows = _flat_features("x", x)
+    eps = _relation_eps(eps)
+    backend = resolve_backend(backend, x.device, supported=_RELATION_BACKENDS)
+    if backend == "reference":
+        return reference.gram(x, normalize=normalize, eps=eps)
+    matrix = relation_matrix(rows, "cosine" if normalize == "cosine" else "gram", eps, backend)
+    if normalize == "rows":
+        matrix = matrix / matrix.norm(dim=1, keepdim=True).clamp_min(eps)
+    return matrix.to(x.dtype)
+
+
+def _relation_loss(name: str, student: Tensor, teacher: Tensor, backend: str) -> Tensor:
+    """Checks both feature tensors, then the op (or the reference) of relation loss `name`."""
+    rows_s, rows_t = _flat_features("student", student), _flat_features("teacher", teacher)
+    if teacher.shape[0] != student.shape[0]:
+        raise ValueError(f"student and teacher must hold the same N samples, got N = {student.shape[0]} and "
+                         f"{teacher.shape[0]}")
+    if teacher.device != student.device:
+        raise ValueError(f"teacher is on {teacher.device} but student is on {student.device}")
+    if teacher.dtype != student.dtype:
+        raise TypeError(f"teacher dtype {teacher.dtype} differs from student dtype {student.dtype}")
+    if teacher.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name}_loss treats the teacher as a constant: pass teacher.detach()")
+    backend = resolve_backend(backend, student.device, supported=_RELATION_BACKENDS)
+    if backend == "reference":
+        return getattr(reference, f"{name}_loss")(student, teacher)
+    loss, _ = relation_loss(rows_s, rows_t, name, torch.is_grad_enabled() and student.requires_grad, backend)
+    return loss
+
+
+def rkd_distance_loss(student: Tensor, teacher: Tensor, *, backend: str = "auto") -> Tensor:
+    """Distance-wise relational KD (Park et al., CVPR 2019). With d the pairwise distances of the
+    samples of ``[N, ...]`` features (:func:`pairwise_distance`, eps 1e-12) divided by the mean of
+    their positive entries, the smooth-L1 (beta 1) between student and teacher averaged over all
+    N x N pairs (the authors' code). Student and teacher may differ in feature size; the teacher is
+    a constant. N >= 2. The loss is fp32 (fp64 for fp64 inputs). ``backend``: "auto", "cpu",
+    "triton" or "reference"."""
+    if student.dim() >= 1 and student.shape[0] < 2:
+        raise ValueError(f"rkd_distance_loss needs N >= 2 samples (it normalises by their mean distance), "
+                         f"got N = {student.shape[0]}")
+    return _relation_loss("rkd_distance", student, teacher, backend)
+
+
+def rkd_angle_loss(student: Tensor, teacher: Tensor, *, backend: str = "auto") -> Tensor:
+    """Angle-wise relational KD (Park et al., CVPR 2019): for every anchor i and pair (j, k) of the
+    N samples, the cosine ``<e_ij, e_ik>`` with ``e_ij = normalize(x_j - x_i)`` (a zero vector where
+    the samples coincide); smooth-L1 (beta 1) between student and teacher averaged over all N^3
+    triplets (the authors' code). In O(N^2) memory: the cosines follow from the Gram matrix of the
+    centred features and its distances, and the kernels walk the triplets without storing them,
+    the gradient included. Pairs whose squared distance is below ``8 sqrt(D)`` ulps of
+    ``|x_i|^2 + |x_j|^2`` (after centring) count as coinciding: the Gram matrix cannot tell them
+    apart from rounding. The teacher is a constant; the loss is fp32 (fp64 for fp64 inputs).
+    ``backend``: "auto", "cpu", "triton" or "reference"."""
+    return _relation_loss("rkd_angle", student, teacher, backend)
+
+
+def similarity_preserving_loss(student: Tensor, teacher: Tensor, *, backend: str = "auto") -> Tensor:
+    """Similarity-preserving KD (Tung & Mori, ICCV 2019): with ``G = x x^T`` of the flattened
+    ``[N, ...]`` features and its rows L2-normalised (``F.normalize``),
+    ``||G_t - G_s||_F^2 / N^2``. The teacher is a constant; the loss is fp32 (fp64 for fp64
+    inputs). ``backend``: "auto", "cpu", "triton" or "reference"."""
+    return _relation_loss("similarity_preserving", student, teacher, backend)
+
+
+def pkt_loss(student: Tensor, teacher: Tensor, *, backend: str = "auto") -> Tensor:
+    """Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018), as the authors' code: the
+    cosine similarities of the flattened ``[N, ...]`` features (each divided by its norm + 1e-7)
+    mapped to [0, 1] by ``(c + 1) / 2``, rows normalised to conditional probabilities p (teacher)
+    and q (student), and ``mean(p * log((p + 1e-7) / (q + 1e-7)))`` over all N x N entries. The
+    teacher is a constant; the loss is fp32 (fp64 for fp64 inputs). ``backend``: "auto", "cpu",
+    "triton" or "reference"."""
+    return _relation_loss("pkt", student, teacher, backend)
+
+
+def _check_feature_pair(what: str, student: Tensor, teacher: Tensor) -> None:
+    """One dtype and device, the same N, the teacher a constant."""
+    _check_floats({f"{what} student": student, f"{what} teacher": teacher}, "[N, ...]")
+    if student.dim() < 2 or teacher.dim() < 2 or teacher.shape[0] != student.shape[0]:
+        raise ValueError(f"{what}: student and teacher must be [N, ...] features of the same N samples, got "
+                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+    if teacher.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{what}: the teacher is a constant: pass teacher features detached")
+
+
+FeatureMaps = Union[Tensor, Sequence[Tensor]]
+
+
+def attention_transfer_loss(student_feats: FeatureMaps, teacher_feats: FeatureMaps, *, p: float = 2.0,
+                            backend: str = "auto") -> Tensor:
+    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017), as the authors' code, over one or
+    several pairs of ``[N, C, *spatial]`` feature maps: with ``at(x)`` the channel mean of
+    ``|x|^p``, flattened and L2-normalised per sample (``F.normalize``), each pair contributes
+    ``mean((at(s) - at(t))^2)`` over the N samples and positions; the loss is their sum. Channels
+    may differ within a pair, spatial sizes may not (interpolate one map first). One kernel pools
+    the channels, one writes the feature gradient; the maps in between are ``[N, S]``. The teacher
+    is a constant; the loss is fp32 (fp64 for fp64 inputs). ``backend``: "auto", "cpu", "triton"
+    or "reference"."""
+    pairs = [(student_feats, teacher_feats)] if isinstance(student_feats, Tensor) else None
+    if pairs is None:
+        if isinstance(teacher_feats, Tensor) or len(student_feats) != len(teacher_feats) or not student_feats:
+            raise ValueError("student_feats and teacher_feats must be two tensors or two equally long, non-empty "
+                             "sequences of tensors (one pair of maps per layer)")
+        pairs = list(zip(student_feats, teacher_feats))
+    p = _check_number("p", p, 0.0, math.inf, open_low=True, open_high=True)
+    for index, (student, teacher) in enumerate(pairs):
+        what = f"attention_transfer_loss pair {index}"
+        _check_feature_pair(what, student, teacher)
+        if student.dim() < 3 or teacher.shape[2:] != student.shape[2:] or student.shape[1] < 1 or teacher.shape[1] < 1:
+            raise ValueError(f"{what}: maps must be [N, C, *spatial] with the same spatial size, got "
+                             f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+    backend = resolve_backend(backend, pairs[0][0].device, supported=_RELATION_BACKENDS)
+    if backend == "reference":
+        return reference.attention_transfer_loss([s for s, _ in pairs], [t for _, t in pairs], p=p)
+    total = None
+    for student, teacher in pairs:
+        maps = [x.reshape(x.shape[0], x.shape[1], -1) for x in (student, teacher)]
+        maps = [x if x.stride(-1) == 1 else x.contiguous() for x in maps]
+        loss, _ = attention_transfer_op(maps[0], maps[1], p, torch.is_grad_enabled() and student.requires_grad,
+                                        backend)
+        total = loss if total is None else total + loss
+    return total
+
+
+def hint_loss(student_feat: Tensor, teacher_feat: Tensor, adapter: Optional[Callable[..., Tensor]] = None, *,
+              backend: str = "auto") -> Tensor:
+    """FitNets' hint loss (Romero et al., ICLR 2015): the mean squared error between the student's
+    features, mapped by ``adapter`` when given, and the teacher's hint. ``adapter`` is called as
+    ``adapter(student_feat, teacher_feat.shape[2:])`` (the teacher's spatial size):
+    :class:`kdkernels.HintAdapter` matches channels with a 1x1 convolution and the spatial size by
+    interpolation (Chen et al., NeurIPS 2017). The loss and its gradient come from one pass; the
+    teacher is a constant; the loss is fp32 (fp64 for fp64 inputs). ``backend``: "auto", "cpu",
+    "triton" or "reference"."""
+    student = student_feat if adapter is None else adapter(student_feat, tuple(teacher_feat.shape[2:]))
+    _check_feature_pair("hint_loss", student, teacher_feat)
+    if student.shape != teacher_feat.shape:
+        raise ValueError(f"hint_loss: the student features{' after the adapter' if adapter else ''} have shape "
+                         f"{tuple(student.shape)} but the teacher's {tuple(teacher_feat.shape)}; map them with "
+                         f"kdkernels.HintAdapter")
+    backend = resolve_backend(backend, student.device, supported=_RELATION_BACKENDS)
+    if backend == "reference":
+        return reference.hint_loss(student, teacher_feat)
+    loss, _ = squared_error(student.contiguous(), teacher_feat.contiguous(),
+                            torch.is_grad_enabled() and student.requires_grad, backend)
     return loss

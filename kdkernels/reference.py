@@ -274,3 +274,113 @@ def dist_loss(
     inter = 1 - _pearson(y_s, y_t, eps).mean()
     intra = 1 - _pearson(y_s.T, y_t.T, eps).mean()
     return temperature**2 * (beta * inter + gamma * intra)
+
+
+def _features(x: Tensor) -> Tensor:
+    """[N, ...] features as [N, D] in the accumulation dtype (fp32, or fp64 for fp64 inputs)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.reshape(x.shape[0], -1).to(dtype)
+
+
+def pairwise_distance(x: Tensor, *, squared: bool = False, eps: float = 1e-12) -> Tensor:
+    """Euclidean distances between the rows of [N, ...] features as Park et al.'s RKD code
+    computes them: ``|x_i|^2 + |x_j|^2 - 2 x_i.x_j`` clamped below at eps, its square root unless
+    squared, and a zero diagonal. In the input dtype."""
+    e = _features(x)
+    e_square = e.pow(2).sum(dim=1)
+    prod = e @ e.t()
+    res = (e_square.unsqueeze(1) + e_square.unsqueeze(0) - 2 * prod).clamp(min=eps)
+    if not squared:
+        res = res.sqrt()
+    res = res.clone()
+    res[range(len(e)), range(len(e))] = 0
+    return res.to(x.dtype)
+
+
+def gram(x: Tensor, *, normalize: Optional[str] = None, eps: float = 1e-12) -> Tensor:
+    """The Gram matrix ``x x^T`` of [N, ...] features flattened from dim 1; "rows" L2-normalises
+    its rows (Tung & Mori's similarity matrix), "cosine" L2-normalises the features first (cosine
+    similarities), both as ``F.normalize(., eps=eps)``. In the input dtype."""
+    e = _features(x)
+    if normalize == "cosine":
+        e = F.normalize(e, dim=1, eps=eps)
+    g = e @ e.t()
+    if normalize == "rows":
+        g = F.normalize(g, dim=1, eps=eps)
+    return g.to(x.dtype)
+
+
+def rkd_distance_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Distance-wise RKD (Park et al., CVPR 2019), as the authors' code: pairwise distances of
+    each side divided by the mean of its positive entries, smooth-L1 (beta 1) averaged over all
+    N x N pairs; the teacher side without grad."""
+    with torch.no_grad():
+        t_d = pairwise_distance(_features(teacher))
+        t_d = t_d / t_d[t_d > 0].mean()
+    d = pairwise_distance(_features(student))
+    d = d / d[d > 0].mean()
+    return F.smooth_l1_loss(d, t_d, reduction="mean")
+
+
+def rkd_angle_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Angle-wise RKD (Park et al., CVPR 2019), as the authors' code: the cosine of the angle
+    at every anchor i between every j and k, ``<normalize(x_j - x_i), normalize(x_k - x_i)>``
+    (an [N, N, N] tensor built from [N, N, D] differences), smooth-L1 averaged over all N^3
+    triplets; the teacher side without grad."""
+    with torch.no_grad():
+        t = _features(teacher)
+        td = t.unsqueeze(0) - t.unsqueeze(1)
+        norm_td = F.normalize(td, p=2, dim=2)
+        t_angle = torch.bmm(norm_td, norm_td.transpose(1, 2)).view(-1)
+    s = _features(student)
+    sd = s.unsqueeze(0) - s.unsqueeze(1)
+    norm_sd = F.normalize(sd, p=2, dim=2)
+    s_angle = torch.bmm(norm_sd, norm_sd.transpose(1, 2)).view(-1)
+    return F.smooth_l1_loss(s_angle, t_angle, reduction="mean")
+
+
+def similarity_preserving_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Similarity-preserving KD (Tung & Mori, ICCV 2019): with G = row-L2-normalised ``x x^T`` of
+    the flattened features, ``||G_t - G_s||_F^2 / N^2``."""
+    g_s = F.normalize(_features(student) @ _features(student).t())
+    g_t = F.normalize(_features(teacher) @ _features(teacher).t())
+    g_diff = g_t - g_s
+    return (g_diff * g_diff).sum() / (student.shape[0] ** 2)
+
+
+def _pkt_probabilities(x: Tensor, eps: float) -> Tensor:
+    x = x / (torch.sqrt(torch.sum(x**2, dim=1, keepdim=True)) + eps)
+    similarity = (torch.mm(x, x.transpose(0, 1)) + 1.0) / 2.0
+    return similarity / torch.sum(similarity, dim=1, keepdim=True)
+
+
+def pkt_loss(student: Tensor, teacher: Tensor, *, eps: float = 1e-7) -> Tensor:
+    """Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018), as the authors' code:
+    cosine similarities (features divided by norm + eps) mapped to [0, 1] by (c + 1) / 2, rows
+    normalised to conditional probabilities, and ``mean(p_t * log((p_t + eps) / (p_s + eps)))``
+    over all N x N entries."""
+    p_s = _pkt_probabilities(_features(student), eps)
+    p_t = _pkt_probabilities(_features(teacher), eps)
+    return torch.mean(p_t * torch.log((p_t + eps) / (p_s + eps)))
+
+
+def _attention_map(x: Tensor, p: float) -> Tensor:
+    """Zagoruyko & Komodakis' attention map: |x|^p averaged over the channels, flattened and
+    L2-normalised per sample."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return F.normalize(x.to(dtype).abs().pow(p).mean(1).view(x.size(0), -1))
+
+
+def attention_transfer_loss(student_feats: list[Tensor], teacher_feats: list[Tensor], *, p: float = 2.0) -> Tensor:
+    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017), as the authors' code: for every pair
+    of [N, C, *spatial] maps, ``(at(s) - at(t)).pow(2).mean()`` with at the normalised
+    channel-pooled |x|^p map, summed over the pairs."""
+    return sum((_attention_map(s, p) - _attention_map(t, p)).pow(2).mean()
+               for s, t in zip(student_feats, teacher_feats))
+
+
+def hint_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """FitNets' hint loss as usually implemented: the mean squared error between the (adapted)
+    student features and the teacher's hint, in fp32 (fp64 for fp64 inputs)."""
+    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    return F.mse_loss(student.to(dtype), teacher.to(dtype))

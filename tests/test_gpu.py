@@ -1,5 +1,5 @@
 """GPU-only checks (skipped without CUDA): both GPU backends on LLM vocabularies, N * V > 2^31,
-backend="auto", and torch.compile(fullgraph=True); the Triton top-k kernel likewise."""
+backend="auto", and torch.compile(fullgraph=True); the Triton top-k, relation and feature kernels likewise."""
 
 import pytest
 import torch
@@ -94,3 +94,42 @@ def test_topk_more_than_2_31_elements():
         torch.testing.assert_close(loss[rows_checked].double(), ref, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(grad[rows_checked].double(), ref_grad, rtol=2e-2,
                                    atol=2e-2 * ref_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("name", ["rkd_distance", "rkd_angle", "similarity_preserving", "pkt"])
+def test_relation_losses_cuda(name, dtype):
+    """The Triton relation kernels at the benchmark's shape, against the reference in fp64 (the
+    angle reference at N = 128 only: it needs [N, N, D] differences)."""
+    rows = 128 if name == "rkd_angle" else 512
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    student = torch.randn(rows, 2048, device="cuda", generator=generator).to(dtype).requires_grad_(True)
+    teacher = torch.randn(rows, 1024, device="cuda", generator=generator).to(dtype)
+    loss = getattr(kdk, f"{name}_loss")(student, teacher, backend="triton")
+    (grad,) = torch.autograd.grad(loss, [student])
+    s64 = student.detach().double().requires_grad_(True)
+    expected = getattr(reference, f"{name}_loss")(s64, teacher.double())
+    (expected_grad,) = torch.autograd.grad(expected, [s64])
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-4, atol=1e-6)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-3
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=tolerance, atol=tolerance * expected_grad.abs().max())
+
+
+def test_relation_matrices_and_features_cuda():
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(1000, 777, device="cuda", generator=generator)
+    torch.testing.assert_close(kdk.pairwise_distance(x, backend="triton"), reference.pairwise_distance(x.double()).float(),
+                               rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(kdk.gram(x.bfloat16(), normalize="cosine", backend="triton").float(),
+                               reference.gram(x.bfloat16().double(), normalize="cosine").float(), rtol=1e-2, atol=1e-2)
+    maps = torch.randn(32, 256, 28, 28, device="cuda", generator=generator).bfloat16().requires_grad_(True)
+    teacher = torch.randn(32, 512, 28, 28, device="cuda", generator=generator).bfloat16()
+    loss = kdk.attention_transfer_loss(maps, teacher, backend="triton") + kdk.hint_loss(maps, teacher[:, :256],
+                                                                                       backend="triton")
+    (grad,) = torch.autograd.grad(loss, [maps])
+    m64 = maps.detach().double().requires_grad_(True)
+    expected = (reference.attention_transfer_loss([m64], [teacher.double()])
+                + reference.hint_loss(m64, teacher[:, :256].double()))
+    (expected_grad,) = torch.autograd.grad(expected, [m64])
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=2e-2, atol=2e-2 * expected_grad.abs().max())

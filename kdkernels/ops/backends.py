@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
-from typing import Union
+from typing import Any, Callable, Union
 
 import torch
 
@@ -50,3 +51,14 @@ def resolve_backend(backend: str, device: torch.device, supported: tuple[str, ..
             f"backend {backend!r} is not available for {device.type} tensors{reason}; available: {live}"
         )
     return backend
+
+
+def kernels(backend: str, module: str, *names: str) -> tuple[Callable[..., Any], ...]:
+    """The kernels `names` of a backend, each `<name>_<backend>`: from kdkernels.triton.<module>
+    for "triton" (imported on first use: triton is slow to import), else from the compiled
+    extension."""
+    source = importlib.import_module(f"kdkernels.triton.{module}") if backend == "triton" else extension.require()
+    found = tuple(getattr(source, f"{name}_{backend}", None) for name in names)
+    if backend == "reference" or None in found:
+        raise ValueError(f"{module} has no {backend!r} kernel")
+    return found

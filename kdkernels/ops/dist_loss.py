@@ -5,25 +5,12 @@ scales the saved gradient."""
 
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 
-from kdkernels.ops import extension, saved_gradients
+from kdkernels.ops import backends, saved_gradients
 
 Tensor = torch.Tensor
-
-
-def kernels(backend: str) -> tuple[Callable[..., tuple[Tensor, Tensor]], Callable[..., Tensor]]:
-    """The (stats, grad) kernels of a backend (csrc/dist_loss.h contract)."""
-    if backend == "triton":
-        from kdkernels.triton.dist_loss import dist_loss_grad_triton, dist_loss_stats_triton
-
-        return dist_loss_stats_triton, dist_loss_grad_triton
-    if backend == "cpu":
-        module = extension.require()
-        return module.dist_loss_stats_cpu, module.dist_loss_grad_cpu
-    raise ValueError(f"dist_loss has kernels for the 'cpu' and 'triton' backends, not {backend!r}")
 
 
 def _pearson(sums: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -55,7 +42,7 @@ def dist_loss_op(student: Tensor, teacher: Tensor, temperature: float, beta: flo
     gradient (empty [0, C] when not asked for)."""
     for name, logits in (("student_logits", student), ("teacher_logits", teacher)):
         _check_values(name, logits)
-    stats, grad = kernels(backend)
+    stats, grad = backends.kernels(backend, "dist_loss", "dist_loss_stats", "dist_loss_grad")
     row_stats, column_stats = stats(student, teacher, temperature)
     rows, classes = student.shape
     row_r, row_coef = _pearson(row_stats, eps)

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 
 import torch
 
-from kdkernels.ops import extension, saved_gradients
+from kdkernels.ops import backends, saved_gradients
 from kdkernels.ops.kd_loss import raise_for_status
 
 Tensor = torch.Tensor
@@ -15,13 +15,7 @@ Tensor = torch.Tensor
 
 def kernel(backend: str) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
     """The DKD forward kernel of a backend (csrc/dkd_loss.h contract)."""
-    if backend == "triton":
-        from kdkernels.triton.dkd_loss import dkd_loss_forward_triton
-
-        return dkd_loss_forward_triton
-    if backend == "cpu":
-        return extension.require().dkd_loss_forward_cpu
-    raise ValueError(f"dkd_loss has kernels for the 'cpu' and 'triton' backends, not {backend!r}")
+    return backends.kernels(backend, "dkd_loss", "dkd_loss_forward")[0]
 
 
 @torch.library.custom_op("kdkernels::dkd_loss_rows", mutates_args=())

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from kdkernels.ops import extension, saved_gradients
+from kdkernels.ops import backends, saved_gradients
 
 Tensor = torch.Tensor
 
@@ -82,11 +82,7 @@ def raise_for_status(status: Tensor, target: Optional[Tensor], vocab: int, ignor
 
 def kernel(backend: str) -> Callable[..., KernelOutputs]:
     """The forward kernel of a backend; all share the contract of csrc/kd_loss.h."""
-    if backend == "triton":
-        from kdkernels.triton.kd_loss import kd_loss_forward_triton  # imported on first use: triton is slow to import
-
-        return kd_loss_forward_triton
-    return getattr(extension.require(), f"kd_loss_forward_{backend}")
+    return backends.kernels(backend, "kd_loss", "kd_loss_forward")[0]
 
 
 @torch.library.custom_op("kdkernels::kd_loss_rows", mutates_args=())

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 
 import torch
 
-from kdkernels.ops import extension, saved_gradients
+from kdkernels.ops import backends, saved_gradients
 from kdkernels.ops.kd_loss import DIVERGENCES, raise_for_status
 
 Tensor = torch.Tensor
@@ -18,13 +18,7 @@ TRITON_MAX_K = 2047
 
 def kernel(backend: str) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
     """The top-k KD forward kernel of a backend (csrc/topk_kd_loss.h contract)."""
-    if backend == "triton":
-        from kdkernels.triton.topk_kd_loss import topk_kd_loss_forward_triton
-
-        return topk_kd_loss_forward_triton
-    if backend == "cpu":
-        return extension.require().topk_kd_loss_forward_cpu
-    raise ValueError(f"topk_kd_loss has kernels for the 'cpu' and 'triton' backends, not {backend!r}")
+    return backends.kernels(backend, "topk_kd_loss", "topk_kd_loss_forward")[0]
 
 
 def sorted_topk(indices: Tensor, logprobs: Tensor, logits_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
