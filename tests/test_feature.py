@@ -176,3 +176,14 @@ def test_bad_input():
         kdk.hint_loss(s.detach() * float("inf"), t, backend="cpu")
     with pytest.raises(TypeError, match="dtype"):
         kdk.hint_loss(s, t.double())
+
+
+def test_saved_gradient_becomes_grad_without_a_copy():
+    """The gradient the forward wrote is the leaf's .grad itself (no second buffer), also when the
+    op's input is the leaf (no view in between)."""
+    from kdkernels.ops.feature import squared_error
+
+    student = _maps((4, 3, 5, 5), torch.float32, 22)
+    loss, written = squared_error(student, student.detach() * 0.5, True, "cpu")
+    loss.backward()
+    assert student.grad.data_ptr() == written.data_ptr()

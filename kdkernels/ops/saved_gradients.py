@@ -37,9 +37,11 @@ def scaled(grads: list[Optional[Tensor]], scale: Tensor) -> list[Optional[Tensor
     """The saved gradients times the upstream gradient `scale` (broadcast against them), or the
     saved gradients themselves where can_hand_over allows. The product is formed in fp32 and
     rounded once into the gradient's dtype, so that a loss scale (e.g. 65536, inf in fp16) never
-    meets the half-precision range on its own."""
+    meets the half-precision range on its own. Handed-over gradients go out as fresh aliases
+    (detach()): autograd stores a gradient that nothing else references as the leaf's .grad, but
+    copies one that the saved context still holds."""
     if can_hand_over(scale):
-        return grads
+        return [None if grad is None else grad.detach() for grad in grads]
     scale = scale.to(torch.promote_types(scale.dtype, torch.float32))
     return [None if grad is None else torch.mul(grad, scale, out=torch.empty_like(grad)) for grad in grads]
 
