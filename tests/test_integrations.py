@@ -142,23 +142,28 @@ def test_trl_missing_raises_naming_the_extra():
 # -------------------------------------------------------------------------------------------- Liger
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
-def test_liger_fused_linear_jsd_matches(beta):
+def test_liger_fused_linear_jsd_matches(beta, dtype):
+    """Against Liger's chunked PyTorch code, on fp32 copies of the inputs for bf16 (Liger's softmax
+    then runs in bf16; ours accumulates in fp32)."""
     chunked = pytest.importorskip("liger_kernel.chunked_loss")
-    hidden, weight = _logits((16, 12), 4, scale=1.0), _logits((40, 12), 5, scale=1.0)
-    teacher_hidden, teacher_weight = _logits((16, 20), 6, scale=1.0, requires_grad=False), _logits(
-        (40, 20), 7, scale=1.0, requires_grad=False)
+    hidden, weight = _logits((16, 12), 4, dtype, scale=1.0), _logits((40, 12), 5, dtype, scale=1.0)
+    teacher_hidden, teacher_weight = _logits((16, 20), 6, dtype, scale=1.0, requires_grad=False), _logits(
+        (40, 20), 7, dtype, scale=1.0, requires_grad=False)
     labels = _labels((16,), 40)
+    rtol = 1e-5 if dtype == torch.float32 else 2e-2
     for options in ({}, {"weight_hard_loss": 0.2, "weight_soft_loss": 0.7, "temperature": 2.0},
                     {"weight_hard_loss": 0.0, "weight_soft_loss": 1.0}, {"return_soft_hard_loss": True}):
-        args = (hidden, weight, teacher_hidden, teacher_weight, labels)
-        ours = kdk_liger.LigerFusedLinearJSDLoss(beta=beta, **options)(*args)
-        theirs = chunked.LigerFusedLinearJSDLoss(beta=beta, compiled=False, **options)(*args)
+        args = (hidden, weight, teacher_hidden, teacher_weight)
+        ours = kdk_liger.LigerFusedLinearJSDLoss(beta=beta, **options)(*args, labels)
+        theirs = chunked.LigerFusedLinearJSDLoss(beta=beta, compiled=False, **options)(
+            *(x.float() for x in args), labels)
         if options.get("return_soft_hard_loss"):
             for part, want in zip(ours[1:], theirs[1:]):
-                torch.testing.assert_close(part, want, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(part, want, rtol=rtol, atol=1e-6)
             ours, theirs = ours[0], theirs[0]
-        _close(ours, theirs, [hidden, weight])
+        _close(ours, theirs, [hidden, weight], rtol)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.4, 1.0])
@@ -311,6 +316,22 @@ def test_torchdistill_losses_match(torchdistill_registry, name):
                 assert grad is None or not grad.any()
                 continue
             torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_torchdistill_kd_losses_bf16(torchdistill_registry):
+    """bf16 logits against torchdistill on fp32 copies (its softmax then runs in bf16)."""
+    import yaml
+
+    for name in ("KDLoss", "LogitStdKDLoss", "DISTLoss"):
+        kwargs = yaml.safe_load(TORCHDISTILL_CONFIGS[name][0])
+        ours = torchdistill_registry.get_mid_level_loss({"key": f"kdkernels.{name}", "kwargs": dict(kwargs)})
+        theirs = torchdistill_registry.get_mid_level_loss({"key": name, "kwargs": dict(kwargs)})
+        student, teacher = _logits((8, 10), 50, torch.bfloat16), _logits((8, 10), 51, torch.bfloat16,
+                                                                         requires_grad=False)
+        targets = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(52))
+        value = ours({"fc": {"output": student}}, {"fc": {"output": teacher}}, targets)
+        expected = theirs({"fc": {"output": student.float()}}, {"fc": {"output": teacher.float()}}, targets)
+        _close(value, expected, [student], rtol=2e-2)
 
 
 def test_torchdistill_kd_loss_without_targets_and_with_ignored_targets(torchdistill_registry):

@@ -70,6 +70,8 @@ KD_CPU_CLONES void grad_rows(const scalar_t* x, const at::opmath_type<scalar_t>*
 }
 
 constexpr int64_t kErrorChunk = 16384;
+// Below this many chunks (256k elements) one thread is faster than waking the pool.
+constexpr int64_t kSerialChunks = 16;
 
 template <typename scalar_t>
 KD_CPU_CLONES void error_chunks(const scalar_t* s, const scalar_t* t, int64_t numel, at::opmath_type<scalar_t> scale,
@@ -148,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor> squared_error_cpu(const at::Tensor& student, 
   at::Tensor gradient = grad ? at::empty_like(student) : at::empty({0}, student.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "squared_error_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, chunks, kSerialChunks, [&](int64_t begin, int64_t end) {
       error_chunks(student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), numel, static_cast<acc_t>(scale),
                    grad ? gradient.data_ptr<scalar_t>() : nullptr, partial.data_ptr<acc_t>(), begin, end);
     });

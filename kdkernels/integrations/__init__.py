@@ -1,6 +1,7 @@
 """Drop-in replacements for the KD losses of other frameworks: same signatures, same numbers,
 kdkernels' kernels underneath. `liger` and `torchtune` re-create those APIs and need neither
-framework installed; `trl` patches TRL's trainers and needs TRL (the `trl` extra)."""
+framework installed; `trl` patches TRL's trainers and `torchdistill` registers in torchdistill's
+loss registry, each needing its framework (the `trl` and `torchdistill` extras)."""
 
 from __future__ import annotations
 
