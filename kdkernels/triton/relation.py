@@ -77,10 +77,11 @@ def relation_matrix_triton(x: Tensor, kind: int, eps: float) -> Tensor:
     # Triton's interpreter multiplies half-precision blocks wrongly in tl.dot: widen them there
     # (exact, as the products are accumulated in fp32 anyway).
     widen = interpreting() and x.dtype in (torch.float16, torch.bfloat16)
+    # fp32 and fp64 products in IEEE precision (no TF32), as the reference's matmul.
+    ieee = widen or x.dtype in (torch.float32, torch.float64)
     grid = (triton.cdiv(n, block), triton.cdiv(n, block))
     _relation_kernel[grid](x, out, n, d, x.stride(0), eps, KIND=kind,
-                           ACC=tl.float64 if acc == torch.float64 else tl.float32, IEEE=x.dtype == torch.float32 or widen,
-                           WIDEN=widen,
+                           ACC=tl.float64 if acc == torch.float64 else tl.float32, IEEE=ieee, WIDEN=widen,
                            BLOCK_M=block, BLOCK_N=block, BLOCK_K=32, num_warps=4)
     return out
 
