@@ -11,7 +11,7 @@ import torch
 
 from kdkernels import reference
 from kdkernels.ops import DIVERGENCES, kd_loss_rows, resolve_backend
-from kdkernels.ops.backends import BACKENDS
+from kdkernels.ops.backends import BACKENDS, accumulation_dtype
 from kdkernels.ops.dist_loss import dist_loss_op
 from kdkernels.ops.dkd_loss import dkd_loss_rows
 from kdkernels.ops.feature import attention_transfer_loss as attention_transfer_op
@@ -91,9 +91,9 @@ def _kernel_rows(logits: Tensor, vocab: int) -> Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def _check_constant_teacher(teacher_logits: Tensor, op: str) -> None:
-    if teacher_logits.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"{op} treats the teacher as a constant: pass teacher_logits.detach()")
+def _check_constant_teacher(teacher: Tensor, op: str, name: str = "teacher_logits") -> None:
+    if teacher.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{op} treats the teacher as a constant: pass {name}.detach()")
 
 
 def _check_number(name: str, value: object, low: float, high: float, *, open_low: bool = False,
@@ -226,7 +226,7 @@ def _mean_weight(rows_target: Optional[Tensor], rows: Tensor, ignore_index: int,
         denominator = torch.tensor(max(rows.shape[0], 1), device=device)
     else:
         denominator = (rows_target != ignore_index).sum().clamp_min(1)
-    weight_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    weight_dtype = accumulation_dtype(rows.dtype)
     return denominator.to(weight_dtype).reciprocal()
 
 
@@ -753,12 +753,8 @@ def _relation_loss(name: str, student: Tensor, teacher: Tensor, backend: str) ->
     if teacher.shape[0] != student.shape[0]:
         raise ValueError(f"student and teacher must hold the same N samples, got N = {student.shape[0]} and "
                          f"{teacher.shape[0]}")
-    if teacher.device != student.device:
-        raise ValueError(f"teacher is on {teacher.device} but student is on {student.device}")
-    if teacher.dtype != student.dtype:
-        raise TypeError(f"teacher dtype {teacher.dtype} differs from student dtype {student.dtype}")
-    if teacher.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"{name}_loss treats the teacher as a constant: pass teacher.detach()")
+    _check_floats({"student": student, "teacher": teacher}, "[N, ...]")
+    _check_constant_teacher(teacher, f"{name}_loss", "teacher")
     backend = resolve_backend(backend, student.device, supported=_RELATION_BACKENDS)
     if backend == "reference":
         return getattr(reference, f"{name}_loss")(student, teacher)

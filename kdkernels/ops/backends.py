@@ -17,6 +17,11 @@ _HAS_TRITON = importlib.util.find_spec("triton") is not None
 DeviceLike = Union[torch.device, str, None]
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels accumulate in for inputs of `dtype`: fp64 for fp64, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def available_backends(device: DeviceLike = None) -> list[str]:
     """Backends that can run on `device` (default: CUDA when present, else CPU), fastest first.
     The Triton kernels run on CPU tensors too when TRITON_INTERPRET=1 (Triton's interpreter)."""

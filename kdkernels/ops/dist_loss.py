@@ -57,7 +57,7 @@ def dist_loss_op(student: Tensor, teacher: Tensor, temperature: float, beta: flo
 
 @dist_loss_op.register_fake
 def _(student, teacher, temperature, beta, gamma, eps, student_grad, backend):
-    acc_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    acc_dtype = backends.accumulation_dtype(student.dtype)
     return student.new_empty((), dtype=acc_dtype), student.new_empty(student.shape[0] if student_grad else 0,
                                                                      student.shape[1])
 

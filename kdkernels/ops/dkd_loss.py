@@ -33,7 +33,7 @@ def dkd_loss_rows(student: Tensor, teacher: Tensor, target: Tensor, row_weight: 
 @dkd_loss_rows.register_fake
 def _(student, teacher, target, row_weight, temperature, alpha, beta, ignore_index, student_grad, backend):
     rows, vocab = student.shape
-    acc_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    acc_dtype = backends.accumulation_dtype(student.dtype)
     return student.new_empty(rows, dtype=acc_dtype), student.new_empty(rows if student_grad else 0, vocab)
 
 

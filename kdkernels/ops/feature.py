@@ -8,16 +8,11 @@ from __future__ import annotations
 import torch
 
 from kdkernels.ops import backends, saved_gradients
+from kdkernels.ops.relation import check_finite_loss
 
 Tensor = torch.Tensor
 
 NORMALIZE_EPS = 1e-12
-
-
-def _check_finite(op: str, value: Tensor) -> None:
-    if not bool(torch.isfinite(value)):
-        raise ValueError(f"{op} is not finite: the features hold NaN or inf, or values whose powers overflow "
-                         f"{value.dtype}")
 
 
 @torch.library.custom_op("kdkernels::attention_transfer_loss", mutates_args=())
@@ -31,7 +26,7 @@ def attention_transfer_loss(student: Tensor, teacher: Tensor, p: float, student_
     unit_s = maps_s.div_(norm_s.clamp_min(NORMALIZE_EPS))
     diff = unit_s - maps_t.div_(maps_t.norm(dim=1, keepdim=True).clamp_min(NORMALIZE_EPS))
     loss = diff.square().mean()
-    _check_finite("attention_transfer_loss", loss)
+    check_finite_loss("attention_transfer_loss", loss)
     if not student_grad:
         return loss, student.new_empty((0, *student.shape[1:]))
     grad_unit = diff.mul_(2 / diff.numel())
@@ -43,7 +38,7 @@ def attention_transfer_loss(student: Tensor, teacher: Tensor, p: float, student_
 
 @attention_transfer_loss.register_fake
 def _(student, teacher, p, student_grad, backend):
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    acc = backends.accumulation_dtype(student.dtype)
     return (student.new_empty((), dtype=acc),
             student.new_empty(student.shape if student_grad else (0, *student.shape[1:])))
 
@@ -59,13 +54,13 @@ def squared_error(student: Tensor, teacher: Tensor, student_grad: bool, backend:
     numel = max(student.numel(), 1)
     total, grad = kernel(student, teacher, 2.0 / numel, student_grad)
     loss = total / numel
-    _check_finite("hint_loss", loss)
+    check_finite_loss("hint_loss", loss)
     return loss, grad
 
 
 @squared_error.register_fake
 def _(student, teacher, student_grad, backend):
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    acc = backends.accumulation_dtype(student.dtype)
     return student.new_empty((), dtype=acc), student.new_empty(student.shape if student_grad else (0,))
 
 

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from kdkernels.ops import saved_gradients
+from kdkernels.ops import backends, saved_gradients
 from kdkernels.ops.kd_loss import DIVERGENCES, kernel, raise_for_status
 
 Tensor = torch.Tensor
@@ -39,7 +39,7 @@ def gradient_buffers(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], wan
     gradients sum over every chunk: accumulated in fp32 (fp64), rounded once (rounded_gradients)."""
     if not wanted:
         return [hidden.new_empty(0) for _ in range(3)]
-    acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc_dtype = backends.accumulation_dtype(hidden.dtype)
     return [torch.empty_like(hidden), torch.zeros_like(weight, dtype=acc_dtype),
             torch.zeros(weight.shape[0] if bias is not None else 0, dtype=acc_dtype, device=weight.device)]
 
@@ -82,7 +82,7 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, student
     rows = student_hidden.shape[0]
     vocab = student_weight.shape[0]
     forward = kernel(backend)
-    acc_dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    acc_dtype = backends.accumulation_dtype(student_hidden.dtype)
     loss = torch.zeros((), dtype=acc_dtype, device=student_hidden.device)
     status = torch.zeros(rows, dtype=torch.int8, device=student_hidden.device)
 
@@ -112,7 +112,7 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, student
 def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, target, row_weight,
       temperature, softcap, standardize, soft_weight, hard_weight, divergence, divergence_args, ignore_index, chunk_rows,
       student_grad, teacher_grad, backend):
-    acc_dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    acc_dtype = backends.accumulation_dtype(student_hidden.dtype)
     return (student_hidden.new_empty((), dtype=acc_dtype),
             *gradients_like(student_hidden, student_weight, student_bias, student_grad),
             *gradients_like(teacher_hidden, teacher_weight, teacher_bias, teacher_grad))

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from kdkernels.ops import saved_gradients
+from kdkernels.ops import backends, saved_gradients
 from kdkernels.ops.fused_linear_kd_loss import (accumulate_gradients, gradient_buffers, gradients_like, project,
                                                 rounded_gradients)
 from kdkernels.ops.kd_loss import DIVERGENCES
@@ -51,7 +51,7 @@ def fused_linear_topk_kd_loss(student_hidden: Tensor, student_weight: Tensor, st
 @fused_linear_topk_kd_loss.register_fake
 def _(student_hidden, student_weight, student_bias, indices, logprobs, target, row_weight, temperature, soft_weight,
       hard_weight, divergence, divergence_args, bucket, ignore_index, chunk_rows, student_grad, backend):
-    acc_dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    acc_dtype = backends.accumulation_dtype(student_hidden.dtype)
     return (student_hidden.new_empty((), dtype=acc_dtype),
             *gradients_like(student_hidden, student_weight, student_bias, student_grad))
 

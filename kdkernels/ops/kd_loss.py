@@ -108,7 +108,7 @@ def kd_loss_rows(student: Tensor, teacher: Tensor, target: Optional[Tensor], row
 def _(student, teacher, target, row_weight, temperature, softcap, standardize, soft_weight, hard_weight, divergence,
       divergence_args, ignore_index, student_grad, teacher_grad, backend):
     rows, vocab = student.shape
-    acc_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    acc_dtype = backends.accumulation_dtype(student.dtype)
     return (student.new_empty(rows, dtype=acc_dtype),
             student.new_empty(rows if student_grad else 0, vocab),
             student.new_empty(rows if teacher_grad else 0, vocab))

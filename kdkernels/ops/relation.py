@@ -19,8 +19,16 @@ Tensor = torch.Tensor
 KINDS = {"gram": 0, "cosine": 1, "cosine_offset": 2, "squared_distance": 3, "distance": 4}
 
 
+def check_finite_loss(op: str, value: Tensor) -> None:
+    """ValueError when a feature loss is NaN or inf: the kernels take finite features whose squares
+    (powers) fit the accumulation dtype, and report the rest through the loss."""
+    if not bool(torch.isfinite(value)):
+        raise ValueError(f"{op} is not finite: the features hold NaN or inf, or values whose squares or powers "
+                         f"overflow {value.dtype}")
+
+
 def _accumulation(x: Tensor) -> Tensor:
-    return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return x.to(backends.accumulation_dtype(x.dtype))
 
 
 def _features_gradient(x: Tensor, grad_gram: Tensor) -> Tensor:
@@ -63,7 +71,7 @@ def relation_matrix(x: Tensor, kind: str, eps: float, backend: str) -> Tensor:
 
 @relation_matrix.register_fake
 def _(x, kind, eps, backend):
-    return x.new_empty((x.shape[0], x.shape[0]), dtype=_accumulation(x[:0]).dtype)
+    return x.new_empty((x.shape[0], x.shape[0]), dtype=backends.accumulation_dtype(x.dtype))
 
 
 def _relation_setup(ctx, inputs, output) -> None:
@@ -219,15 +227,13 @@ def relation_loss(student: Tensor, teacher: Tensor, loss: str, student_grad: boo
         value, grad_gram = spec.function(student, matrix(student, KINDS[spec.kind], spec.eps),
                                          matrix(teacher, KINDS[spec.kind], spec.eps))
         grad = _features_gradient(student, grad_gram) if student_grad else None
-    if not bool(torch.isfinite(value)):
-        raise ValueError(f"{loss} loss is not finite: the features hold NaN or inf, or values whose squares "
-                         f"overflow {value.dtype}")
+    check_finite_loss(f"{loss}_loss", value)
     return value, (grad.to(student.dtype) if grad is not None else student.new_empty(0, student.shape[1]))
 
 
 @relation_loss.register_fake
 def _(student, teacher, loss, student_grad, backend):
-    return (student.new_empty((), dtype=_accumulation(student[:0]).dtype),
+    return (student.new_empty((), dtype=backends.accumulation_dtype(student.dtype)),
             student.new_empty(student.shape if student_grad else (0, student.shape[1])))
 
 

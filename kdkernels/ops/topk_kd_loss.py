@@ -24,7 +24,7 @@ def kernel(backend: str) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
 def sorted_topk(indices: Tensor, logprobs: Tensor, logits_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """The ids and logprobs as the kernels take them: each row sorted by id (the kernels walk the
     ids along the row), int64, and the logprobs in the accumulation dtype of the logits."""
-    acc_dtype = torch.float64 if logits_dtype == torch.float64 else torch.float32
+    acc_dtype = backends.accumulation_dtype(logits_dtype)
     indices, order = indices.sort(dim=-1)
     return indices.long().contiguous(), logprobs.gather(-1, order).to(acc_dtype).contiguous()
 
@@ -55,7 +55,7 @@ def topk_kd_loss_rows(student: Tensor, indices: Tensor, logprobs: Tensor, target
 def _(student, indices, logprobs, target, row_weight, temperature, soft_weight, hard_weight, divergence,
       divergence_args, bucket, ignore_index, student_grad, backend):
     rows, vocab = student.shape
-    acc_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    acc_dtype = backends.accumulation_dtype(student.dtype)
     return student.new_empty(rows, dtype=acc_dtype), student.new_empty(rows if student_grad else 0, vocab)
 
 

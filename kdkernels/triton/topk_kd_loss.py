@@ -17,16 +17,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kdkernels.triton.kd_loss import (ADAPTIVE_KL, _merge, _terms, divergence_params, hard_label_term, row_block,
-                                      row_outputs, row_target)
+from kdkernels.triton.kd_loss import (_STUDENT_ALL_MASKED, _STUDENT_NON_FINITE, _TEACHER_ALL_MASKED,
+                                      _TEACHER_NON_FINITE, ADAPTIVE_KL, _merge, _terms, divergence_params,
+                                      hard_label_term, row_block, row_outputs, row_target)
 
 Tensor = torch.Tensor
 
-# Row status codes of csrc/row_status.h.
-_STUDENT_NON_FINITE = tl.constexpr(3)
-_TEACHER_NON_FINITE = tl.constexpr(4)
-_STUDENT_ALL_MASKED = tl.constexpr(5)
-_TEACHER_ALL_MASKED = tl.constexpr(6)
+# Row status codes of csrc/row_status.h that only the top-k kernel reports.
 _INDEX_OUT_OF_RANGE = tl.constexpr(7)
 _DUPLICATE_INDEX = tl.constexpr(8)
 
