@@ -384,3 +384,113 @@ def hint_loss(student: Tensor, teacher: Tensor) -> Tensor:
     student features and the teacher's hint, in fp32 (fp64 for fp64 inputs)."""
     dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     return F.mse_loss(student.to(dtype), teacher.to(dtype))
+
+
+def _reduced(rows: Tensor, reduction: str, count: Optional[Tensor] = None) -> Tensor:
+    """"none": the rows; "sum"; "mean": the sum over `count` rows (all by default), at least 1."""
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "mean":
+        return rows.sum() / (torch.tensor(rows.numel()) if count is None else count).clamp_min(1)
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def pixelwise_kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None, *,
+                      temperature: float = 1.0, alpha: float = 0.5, reduction: str = "batchmean",
+                      ignore_index: int = -100) -> Tensor:
+    """Pixel-wise distillation (Liu et al., CVPR 2019) over dim 1 of [B, C, *spatial] logits:
+    ``T^2 KL(p_t || p_s)`` per pixel, with target ``alpha`` times that plus ``(1 - alpha)`` times
+    the pixel's cross-entropy (pixels at ignore_index in neither), summed over the pixels and,
+    for "batchmean", divided by the number counted."""
+    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    s, t = student_logits.to(dtype), teacher_logits.to(dtype)
+    log_q = F.log_softmax(s / temperature, dim=1)
+    log_p = F.log_softmax(t / temperature, dim=1)
+    kl = temperature**2 * (log_p.exp() * (log_p - log_q)).sum(1)
+    if target is None:
+        pixels, counted = kl, torch.ones_like(kl, dtype=torch.bool)
+    else:
+        counted = target != ignore_index
+        ce = F.cross_entropy(s, target.long(), ignore_index=ignore_index, reduction="none")
+        pixels = torch.where(counted, alpha * kl + (1 - alpha) * ce, 0.0)
+    return _reduced(pixels, "mean" if reduction == "batchmean" else reduction, counted.sum())
+
+
+def class_weighted_soft_ce(student_logits: Tensor, teacher_logits: Tensor, *, class_weights, temperature: float = 1.0,
+                           reduction: str = "mean") -> Tensor:
+    """Chen et al.'s (NeurIPS 2017) soft-label loss, ``-sum_c w_c P_t,c log P_s,c`` per row of
+    [..., C] logits with ``P = softmax(z / T)``, averaged over the rows."""
+    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    w = torch.as_tensor(class_weights, dtype=dtype)
+    p_t = F.softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    log_p_s = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    return _reduced(-(w * p_t * log_p_s).sum(-1), reduction)
+
+
+def bounded_regression_loss(student_reg: Tensor, teacher_reg: Tensor, target_reg: Tensor, *, margin: float = 0.0,
+                            reduction: str = "mean") -> Tensor:
+    """Chen et al.'s (NeurIPS 2017) teacher-bounded regression loss per box:
+    ``||R_s - y||^2`` if ``||R_s - y||^2 + m > ||R_t - y||^2``, else 0."""
+    dtype = torch.float64 if student_reg.dtype == torch.float64 else torch.float32
+    y = target_reg.to(dtype)
+    student_distance = ((student_reg.to(dtype) - y) ** 2).sum(-1)
+    teacher_distance = ((teacher_reg.to(dtype) - y) ** 2).sum(-1)
+    bounded = student_distance + margin > teacher_distance
+    return _reduced(student_distance * bounded, reduction)
+
+
+def localization_distillation_loss(student_bins: Tensor, teacher_bins: Tensor, *, temperature: float = 10.0,
+                                   weight: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+    """Localization distillation (Zheng et al., CVPR 2022) as the authors' code computes it: the
+    edges' bins as rows [-1, n + 1], ``kl_div(log_softmax(s / T), softmax(t / T)).mean(1) * T * T``
+    per edge (KnowledgeDistillationKLDivLoss), times the weight, then mmdet's reduction (mean over
+    the edges, or sum). Gradients reach the teacher too (the authors detach it)."""
+    dtype = torch.float64 if student_bins.dtype == torch.float64 else torch.float32
+    bins = student_bins.shape[-1]
+    pred = student_bins.reshape(-1, bins).to(dtype)
+    soft_label = teacher_bins.reshape(-1, bins).to(dtype)
+    target = F.softmax(soft_label / temperature, dim=1)
+    loss = F.kl_div(F.log_softmax(pred / temperature, dim=1), target, reduction="none").mean(1) * (
+        temperature * temperature)
+    loss = loss.reshape(student_bins.shape[:-1])
+    if weight is not None:
+        loss = loss * weight
+    return _reduced(loss, reduction)
+
+
+def _renormalised_log(a: Tensor) -> Tensor:
+    """log(a / sum(a)) over the last dim: -inf where a is 0, and no gradient to the zero entries
+    (the softmax that produced them would pass none back)."""
+    positive = a > 0
+    total = torch.where(positive, a, 0.0).sum(-1, keepdim=True)
+    return torch.where(positive, torch.where(positive, a, 1.0).log() - total.log(), -math.inf)
+
+
+def attention_distribution_loss(student_attn: Tensor, teacher_attn: Tensor, *, attention_mask: Optional[Tensor] = None,
+                                inputs_are: str = "probs", reduction: str = "mean") -> Tensor:
+    """MobileBERT's attention transfer (Sun et al., ACL 2020): ``KL(a_t || a_s)`` of every query's
+    attention over the keys of [B, heads, Q, K] inputs, averaged over the samples, heads and
+    queries. Probabilities are renormalised; zero ones get no gradient. With attention_mask [B, K]
+    (self-attention), padded keys leave both distributions and padded queries are not counted; a
+    sample without tokens keeps its keys and counts no query."""
+    dtype = torch.float64 if student_attn.dtype == torch.float64 else torch.float32
+    s, t = student_attn.to(dtype), teacher_attn.to(dtype)
+    batch, heads, queries, keys = s.shape
+    tokens = torch.ones(batch, keys, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    visible = (tokens | ~tokens.any(-1, keepdim=True))[:, None, None, :]
+    if inputs_are == "logits":
+        log_a_s = F.log_softmax(s.masked_fill(~visible, -math.inf), dim=-1)
+        log_a_t = F.log_softmax(t.masked_fill(~visible, -math.inf), dim=-1)
+    else:
+        log_a_s, log_a_t = (_renormalised_log(a * visible) for a in (s, t))
+    # Keys the teacher gives no attention contribute a_t log(a_t / a_s) = 0; stand-ins keep the
+    # infinities out of the products and their gradients.
+    attended = log_a_t > -math.inf
+    log_a_t = torch.where(attended, log_a_t, 0.0)
+    log_a_s = torch.where(attended, log_a_s, 0.0)
+    kl = torch.where(attended, log_a_t.exp() * (log_a_t - log_a_s), 0.0).sum(-1)
+    counted = (tokens[:, None, :] if attention_mask is not None else torch.ones_like(tokens[:, None, :1])).expand(
+        batch, heads, queries)
+    return _reduced(torch.where(counted, kl, 0.0), reduction, counted.sum())
