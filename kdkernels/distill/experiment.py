@@ -96,6 +96,7 @@ class Experiment:
                           checkpoint_dir=self.out / directory, progress=self.progress)
         started = time.perf_counter()
         history = trainer.fit(train, test, epochs=epochs, resume=resume)
+        scheme.close()
         accuracies = ", ".join(f"{key.rsplit('/', 1)[-1]} {100 * value:.2f} %" for key, value in history[-1].items()
                                if key.startswith("val/accuracy/"))
         self.log(f"{directory}: {epochs} epochs, held-out accuracy {accuracies} ({time.perf_counter() - started:.1f} s)")
@@ -109,14 +110,15 @@ class Experiment:
         """The recipe's teacher, trained alone with seed 0 (reused when its run is complete)."""
         torch.manual_seed(0)
         scheme = Offline(self.recipe.teacher())
-        history = self._train(scheme, f"teacher-e{self.teacher_epochs}", self.teacher_epochs, 0, resume=True,
+        history = self._train(scheme, f"teacher-e{self.teacher_epochs}{self._precision}", self.teacher_epochs, 0,
+                              resume=True,
                               lr=self.recipe.teacher_lr)
         return Run("teacher", 0, history, scheme.student)
 
     def alone(self, seed: int) -> Run:
         scheme = Offline(self._student(seed))
-        return Run("student alone", seed, self._train(scheme, f"alone-e{self.epochs}-s{seed}", self.epochs, seed,
-                                                         self.resume), scheme.student)
+        return Run("student alone", seed, self._train(scheme, f"alone-e{self.epochs}{self._precision}-s{seed}",
+                                                         self.epochs, seed, self.resume), scheme.student)
 
     def distilled(self, seed: int, teacher: Optional[torch.nn.Module]) -> tuple[Run, Optional[Run]]:
         """The distilled student of ``seed`` and, for online distillation, its peer."""
@@ -133,10 +135,15 @@ class Experiment:
             ema = self.self_teacher == "ema"
             scheme = SelfTeacher(self._student(seed), recipe.distillation_terms()[:1], decay=0.999 if ema else 0.0,
                                  every="step" if ema else "epoch")
-        history = self._train(scheme, f"{self.label}-e{self.epochs}-s{seed}", self.epochs, seed, self.resume)
+        # A distilled run's name says which teacher it learned from.
+        teacher_epochs = f"-t{self.teacher_epochs}" if self.mode == "offline" else ""
+        history = self._train(scheme, f"{self.label}{teacher_epochs}-e{self.epochs}{self._precision}-s{seed}",
+                              self.epochs, seed, self.resume)
         models = scheme.models()
         peer = Run("peer", seed, history, models["peer"], "peer") if "peer" in models else None
-        return Run("distilled student", seed, history, models["student"]), peer
+        # A multi-exit student is timed and counted with its exit heads.
+        student = scheme.student if isinstance(scheme, DeepToShallow) else models["student"]
+        return Run("distilled student", seed, history, student), peer
 
     def run(self) -> tuple[dict, list[Run]]:
         """All runs, and the summary of them that :meth:`write` stores."""
@@ -173,6 +180,10 @@ class Experiment:
             "margin": distilled["mean"] - alone["mean"],
             "seeds_better": sum(d > a for d, a in zip(distilled["accuracies"], alone["accuracies"])),
         }
+
+    @property
+    def _precision(self) -> str:
+        return "-bf16" if self.amp is not None else ""
 
     @property
     def label(self) -> str:

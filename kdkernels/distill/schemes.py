@@ -37,6 +37,9 @@ class Scheme(torch.nn.Module):
     def after_epoch(self) -> None:
         """Called after each epoch."""
 
+    def close(self) -> None:
+        """Remove the scheme's forward hooks from the models (they stay usable elsewhere)."""
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -92,7 +95,8 @@ class Offline(Scheme):
     through weighted ``terms`` (default: ``LogitDistillation()``, Hinton's KD with the hard-label
     CE). Without a teacher, the student alone (default term: ``CrossEntropy()``).
     ``cache_teacher``: keep the teacher's outputs per sample (the batches must carry the sample
-    indices) and run the teacher once per sample, not once per epoch."""
+    indices) and run the teacher once per sample, not once per epoch (under torch.distributed
+    each process caches the samples of its own shares)."""
 
     def __init__(self, student: torch.nn.Module, teacher: Optional[torch.nn.Module] = None,
                  terms: Optional[Sequence[Term]] = None, *, cache_teacher: bool = False) -> None:
@@ -114,6 +118,11 @@ class Offline(Scheme):
         self._teacher_taps = (FeatureTaps(teacher, [name for term in terms for name in term.teacher_layers])
                               if teacher is not None else None)
         self._cache = _TeacherCache() if cache_teacher else None
+
+    def close(self) -> None:
+        self._student_taps.remove()
+        if self._teacher_taps is not None:
+            self._teacher_taps.remove()
 
     def train(self, mode: bool = True) -> "Offline":
         super().train(mode)
@@ -156,13 +165,17 @@ class SelfTeacher(Offline):
     """Self-distillation from a teacher that is the student's own past: an exponential moving
     average of its weights (``every="step"``, mean-teacher style, with the decay ramped up as
     ``min(decay, (1 + n) / (10 + n))`` after n updates) or a snapshot taken after each epoch
-    (``every="epoch"``; ``decay=0`` copies the weights, the previous-epoch teacher; the first
-    epoch, with no snapshot yet, trains on the hard labels alone)."""
+    (``every="epoch"``; ``decay=0``, its default, copies the weights: the previous-epoch
+    teacher; the first epoch, with no snapshot yet, trains on the terms that need no teacher, or
+    on the hard labels). The teacher runs in eval mode and is evaluated next to the student.
+    Under DDP with ``every="epoch"``, terms with parameters (a hint adapter) idle in the first
+    epoch: pass ``find_unused_parameters=True`` to the Trainer."""
 
-    def __init__(self, student: torch.nn.Module, terms: Optional[Sequence[Term]] = None, *, decay: float = 0.999,
-                 every: str = "step") -> None:
+    def __init__(self, student: torch.nn.Module, terms: Optional[Sequence[Term]] = None, *,
+                 decay: Optional[float] = None, every: str = "step") -> None:
         if every not in ("step", "epoch"):
             raise ValueError(f"every must be 'step' or 'epoch', got {every!r}")
+        decay = (0.999 if every == "step" else 0.0) if decay is None else decay
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         super().__init__(student, copy.deepcopy(student), terms)
@@ -170,6 +183,15 @@ class SelfTeacher(Offline):
         self.every = every
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
         self._has_teacher = every == "step"
+        # Loading a state (directly or through a parent module) restores whether a snapshot exists.
+        self.register_load_state_dict_post_hook(SelfTeacher._after_load)
+
+    @staticmethod
+    def _after_load(module: "SelfTeacher", incompatible_keys: object) -> None:
+        module._has_teacher = module.every == "step" or int(module.updates) > 0
+
+    def models(self) -> dict[str, torch.nn.Module]:
+        return {"student": self.student, "teacher": self.teacher}
 
     def _uses_teacher(self) -> bool:
         return self._has_teacher
@@ -192,17 +214,13 @@ class SelfTeacher(Offline):
         if self.every == "epoch":
             self._update(self.decay if int(self.updates) else 0.0)
 
-    def load_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True, assign: bool = False):
-        result = super().load_state_dict(state_dict, strict, assign)
-        self._has_teacher = self.every == "step" or int(self.updates) > 0
-        return result
-
 
 class Online(Scheme):
     """Deep mutual learning (Zhang et al., CVPR 2018): ``peers`` trained together from scratch,
     each on ``criterion(its logits, another peer's detached logits, target)`` averaged over the
-    other peers (default ``KDLoss(alpha=0.5)``: half CE, half KL to the peer), all updated in one
-    step."""
+    other peers (default ``KDLoss(alpha=0.5)``: half of DML's CE + KL, at T = 1). All peers are
+    updated in one step from the same predictions (the paper's algorithm updates them in turn,
+    predicting again between updates)."""
 
     def __init__(self, peers: Union[Mapping[str, torch.nn.Module], Sequence[torch.nn.Module]],
                  criterion: Optional[torch.nn.Module] = None) -> None:
@@ -238,19 +256,24 @@ class _DeepestExit(torch.nn.Module):
 class DeepToShallow(Scheme):
     """Be Your Own Teacher (Zhang et al., ICCV 2019): ``student(inputs)`` returns the logits of
     each exit, shallow to deep; the deepest learns from the labels, each shallower exit from
-    ``(1 - alpha) * CE + alpha * T^2 * KL(deepest / T || exit / T)`` (the official code's
-    ``loss_coefficient=0.3``, ``temperature=3``; KL per sample, not per class) plus, when
-    ``feature_layers`` names one tapped submodule per exit, ``feature_weight`` times the mean
-    squared error between each exit's features and the deepest's (same shapes)."""
+    ``(1 - alpha) * CE + alpha * KL(deepest / T || exit / T)``, as the authors' code
+    (``loss_coefficient=0.3``, ``temperature=3``, no T^2 factor; its soft cross-entropy differs
+    from this KL by the deepest exit's entropy, a constant) plus, when ``feature_layers`` names
+    one tapped submodule per exit, the paper's feature hint: ``feature_weight`` times the mean
+    squared error between each exit's features and the deepest's (same shapes; the authors'
+    code leaves it out)."""
 
     def __init__(self, student: torch.nn.Module, *, temperature: float = 3.0, alpha: float = 0.3,
                  feature_layers: Sequence[str] = (), feature_weight: float = 0.03) -> None:
         super().__init__()
         self.student = student
-        self.kd = kdkernels.KDLoss(temperature=temperature, alpha=alpha)
+        self.kd = kdkernels.KDLoss(temperature=temperature, alpha=alpha, scale_by_temperature=False)
         self.feature_layers = tuple(feature_layers)
         self.feature_weight = float(feature_weight)
         self._taps = FeatureTaps(student, self.feature_layers)
+
+    def close(self) -> None:
+        self._taps.remove()
 
     def models(self) -> dict[str, torch.nn.Module]:
         return {"student": _DeepestExit(self.student)}

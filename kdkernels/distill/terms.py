@@ -42,20 +42,23 @@ class FeatureTaps:
             known = ", ".join(name for name in modules if name) or "none"
             raise ValueError(f"{type(model).__name__} has no submodule named {', '.join(map(repr, missing))}; "
                              f"its submodules are: {known}")
-        self._features: dict[str, Tensor] = {}
+        self._features: Optional[dict[str, Tensor]] = None
         self._handles = [modules[name].register_forward_hook(self._keeper(name)) for name in dict.fromkeys(names)]
 
     def _keeper(self, name: str) -> Callable[..., None]:
         def keep(module: torch.nn.Module, args: Any, output: Tensor) -> None:
-            self._features[name] = output
+            if self._features is not None:  # only inside run(): other calls keep nothing alive
+                self._features[name] = output
         return keep
 
     def run(self, model: torch.nn.Module, inputs: Tensor) -> Outputs:
         """``model(inputs)`` with the tapped features of that call."""
         self._features = {}
-        logits = model(inputs)
-        features, self._features = self._features, {}
-        return Outputs(logits, features)
+        try:
+            logits = model(inputs)
+            return Outputs(logits, self._features)
+        finally:
+            self._features = None
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -101,20 +104,26 @@ class CrossEntropy(Term):
 
 
 def _takes_target(criterion: torch.nn.Module) -> bool:
-    return len(inspect.signature(criterion.forward).parameters) >= 3
+    """Whether ``criterion``'s forward takes a third positional argument."""
+    parameters = inspect.signature(criterion.forward).parameters.values()
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in parameters)
 
 
 class LogitDistillation(Term):
     """Response-based KD: ``criterion(student logits, teacher logits[, target])`` with any
     logit criterion of kdkernels (``KDLoss``, the default: Hinton's loss with ``alpha``,
-    ``temperature`` and the hard-label CE fused in; ``DKDLoss``, ``DISTLoss``, ...)."""
+    ``temperature`` and the hard-label CE fused in; ``DKDLoss``, ``DISTLoss``, ...).
+    ``with_target``: pass the target (default: when the criterion's forward takes a third
+    positional argument)."""
 
-    def __init__(self, criterion: Optional[torch.nn.Module] = None, **kd_options: Any) -> None:
+    def __init__(self, criterion: Optional[torch.nn.Module] = None, *, with_target: Optional[bool] = None,
+                 **kd_options: Any) -> None:
         super().__init__()
         if criterion is not None and kd_options:
             raise ValueError("LogitDistillation takes a criterion or KDLoss keywords, not both")
         self.criterion = criterion if criterion is not None else kdkernels.KDLoss(**kd_options)
-        self._with_target = _takes_target(self.criterion)
+        self._with_target = _takes_target(self.criterion) if with_target is None else with_target
 
     def forward(self, student: Outputs, teacher: Optional[Outputs], target: Tensor) -> Tensor:
         if self._with_target:

@@ -34,8 +34,14 @@ def _rank_and_world() -> tuple[int, int]:
 class Batches:
     """Mini-batches ``(inputs, target, index)`` of in-memory tensors (``index``: the samples'
     rows, for teacher caches). ``shuffle`` draws a new order each epoch from ``seed`` and the
-    epoch, so an epoch's batches do not depend on what ran before (an exact resume). Under
-    ``torch.distributed`` every process gets its contiguous share of each global batch."""
+    epoch, so an epoch's batches do not depend on what ran before (an exact resume).
+
+    Under ``torch.distributed`` every process gets an equal contiguous share of each global
+    batch: ``batch_size`` must be a multiple of the world size, and an incomplete last batch is
+    cut to a multiple of it. Then the mean of the processes' mean losses is the global batch's
+    mean loss, for terms that are means over samples; a relation term (RKD, SP, PKT) sees one
+    process's share, and BatchNorm statistics are per process unless converted with
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``."""
 
     def __init__(self, inputs: Tensor, target: Tensor, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                  drop_last: bool = False) -> None:
@@ -45,6 +51,8 @@ class Batches:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.inputs, self.target = inputs, target
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        if len(self) == 0:
+            raise ValueError(f"no batches: {len(inputs)} samples, batch_size {batch_size}, drop_last {drop_last}")
 
     def __len__(self) -> int:
         full, rest = divmod(len(self.inputs), self.batch_size)
@@ -57,9 +65,14 @@ class Batches:
         else:
             order = torch.arange(len(self.inputs))
         rank, world = _rank_and_world()
+        if self.batch_size % world:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of the world size {world}")
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            index = order[start:start + self.batch_size].tensor_split(world)[rank]
-            yield self.inputs[index], self.target[index], index
+            batch = order[start:start + self.batch_size]
+            batch = batch[:len(batch) - len(batch) % world]
+            if len(batch):
+                index = batch.view(world, -1)[rank]
+                yield self.inputs[index], self.target[index], index
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
@@ -79,18 +92,18 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmu
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device) -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _save_atomically(state: dict[str, Any], path: Path) -> None:
@@ -98,11 +111,14 @@ def _save_atomically(state: dict[str, Any], path: Path) -> None:
     leaves the previous checkpoint whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as file:
-        torch.save(state, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 class Trainer:
@@ -114,7 +130,8 @@ class Trainer:
     - ``grad_clip``: clip the gradients' global norm to this.
     - ``checkpoint_dir``: write ``checkpoint.pt`` there after each epoch (model, optimizer,
       scheduler, scaler, every process's RNG, epoch, history); ``fit(resume=True)`` continues
-      from it.
+      from it. A teacher cache is not saved: after a resume the teacher runs again on the
+      batches of the epoch it resumes at, which on a GPU may round differently.
     - ``on_epoch``: called with each epoch's record.
     - ``find_unused_parameters``: passed to ``DistributedDataParallel`` (for terms that skip
       some of their parameters on some steps)."""
@@ -135,8 +152,13 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if amp is torch.float16 else None
         self.checkpoint = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir is not None else None
         self.progress, self.on_epoch = progress, on_epoch
-        self.model: torch.nn.Module = (torch.nn.parallel.DistributedDataParallel(
-            scheme, find_unused_parameters=find_unused_parameters) if _distributed() else scheme)
+        self.model: torch.nn.Module = scheme
+        if _distributed():
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                scheme, device_ids=[self.device] if self.device.type == "cuda" else None,
+                find_unused_parameters=find_unused_parameters)
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
@@ -154,8 +176,11 @@ class Trainer:
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.scheme.trainable_parameters(), self.grad_clip)
         if self.scaler is not None:
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if self.scaler.get_scale() < scale:  # inf/NaN gradients: the step was skipped
+                return
         else:
             self.optimizer.step()
         if self.scheduler is not None:
@@ -165,6 +190,7 @@ class Trainer:
     def _train_epoch(self, batches: Batches, epoch: int, epochs: int) -> Record:
         self.scheme.train()
         sums: dict[str, Tensor] = {}
+        count = 0
         steps = batches.epoch(epoch)
         if self.progress and _rank_and_world()[0] == 0:
             from tqdm.auto import tqdm
@@ -174,11 +200,12 @@ class Trainer:
             with self._autocast():
                 loss, parts = self.model(inputs, target, index)
             self._step(loss)
+            count += 1
             for name, value in {"loss": loss.detach(), **parts}.items():
                 sums[name] = sums.get(name, 0.0) + value.float()
         self.scheme.after_epoch()
         names = sorted(sums)
-        means = torch.stack([sums[name] for name in names]) / len(batches)
+        means = torch.stack([sums[name] for name in names]) / count
         if _distributed():
             dist.all_reduce(means)
             means /= dist.get_world_size()
@@ -212,16 +239,17 @@ class Trainer:
     def _save(self, epoch: int, history: list[Record]) -> None:
         rng = [None] * _rank_and_world()[1]
         if _distributed():
-            dist.all_gather_object(rng, _rng_state())
+            dist.all_gather_object(rng, _rng_state(self.device))
         else:
-            rng[0] = _rng_state()
-        if _rank_and_world()[0] != 0:
-            return
-        _save_atomically({"epoch": epoch, "history": history, "rng": rng,
-                          "scheme": self.scheme.state_dict(), "optimizer": self.optimizer.state_dict(),
-                          "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                          "scaler": self.scaler.state_dict() if self.scaler is not None else None},
-                         self.checkpoint)
+            rng[0] = _rng_state(self.device)
+        if _rank_and_world()[0] == 0:
+            _save_atomically({"epoch": epoch, "history": history, "rng": rng,
+                              "scheme": self.scheme.state_dict(), "optimizer": self.optimizer.state_dict(),
+                              "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                              "scaler": self.scaler.state_dict() if self.scaler is not None else None},
+                             self.checkpoint)
+        if _distributed():
+            dist.barrier()  # every process sees the new checkpoint before going on
 
     def _load(self) -> tuple[int, list[Record]]:
         state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
@@ -234,7 +262,7 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"][rank])
+        _set_rng_state(state["rng"][rank], self.device)
         return state["epoch"], state["history"]
 
     def fit(self, train: Batches, val: Optional[Batches] = None, *, epochs: int, resume: bool = False) -> list[Record]:
@@ -247,6 +275,8 @@ class Trainer:
                 raise ValueError("resume=True needs a checkpoint_dir")
             if self.checkpoint.exists():
                 start, history = self._load()
+            if start > epochs:
+                raise ValueError(f"{self.checkpoint} holds {start} epochs, more than the {epochs} asked for")
         for epoch in range(start, epochs):
             record: Record = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
             record.update(self._train_epoch(train, epoch, epochs))
