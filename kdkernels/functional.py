@@ -109,6 +109,10 @@ def _check_number(name: str, value: object, low: float, high: float, *, open_low
     return value
 
 
+def _check_temperature(temperature: float) -> float:
+    return _check_number("temperature", temperature, 0.0, math.inf, open_low=True, open_high=True)
+
+
 def _divergence_args(divergence: str, beta: float, skew: float, ab_alpha: Optional[float],
                      ab_beta: Optional[float], akl_mu: float) -> list[float]:
     """The checked values of the divergence's keywords, in its kernel order (DIVERGENCES)."""
@@ -132,7 +136,7 @@ def _check_ab(name: str, value: Optional[float]) -> float:
 
 def _check_options(temperature: float, alpha: float, reduction: str,
                    num_items: Optional[Union[int, Tensor]]) -> tuple[float, float]:
-    temperature = _check_number("temperature", temperature, 0.0, math.inf, open_low=True, open_high=True)
+    temperature = _check_temperature(temperature)
     alpha = _check_number("alpha", alpha, 0.0, 1.0)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -630,7 +634,7 @@ def dkd_loss(
         raise TypeError(f"target must be a torch.Tensor of class indices, got {type(target).__name__}")
     _check_target(target, student_logits)
     _check_constant_teacher(teacher_logits, "dkd_loss")
-    temperature = _check_number("temperature", temperature, 0.0, math.inf, open_low=True, open_high=True)
+    temperature = _check_temperature(temperature)
     alpha = _check_number("alpha", alpha, 0.0, math.inf, open_high=True)
     beta = _check_number("beta", beta, 0.0, math.inf, open_high=True)
     backend = resolve_backend(backend, student_logits.device, supported=("cpu", "triton", "reference"))
@@ -676,7 +680,7 @@ def dist_loss(
         raise ValueError(f"dist_loss needs N >= 2 rows (its intra-class term correlates each class over the rows), "
                          f"got N = {student_logits.shape[0]}")
     _check_constant_teacher(teacher_logits, "dist_loss")
-    temperature = _check_number("temperature", temperature, 0.0, math.inf, open_low=True, open_high=True)
+    temperature = _check_temperature(temperature)
     beta = _check_number("beta", beta, 0.0, math.inf, open_high=True)
     gamma = _check_number("gamma", gamma, 0.0, math.inf, open_high=True)
     eps = _check_number("eps", eps, 0.0, math.inf, open_high=True)

@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from kdkernels.functional import _check_floats, _check_number, kd_loss
+from kdkernels.functional import _check_floats, _check_number, _check_temperature, kd_loss
 from kdkernels.nn import _KeywordLoss
 from kdkernels.ops.backends import accumulation_dtype
 
@@ -32,10 +32,6 @@ def _check_pair(student_name: str, student: Tensor, teacher_name: str, teacher: 
         raise ValueError(f"{teacher_name} shape {tuple(teacher.shape)} must equal {student_name} shape "
                          f"{tuple(student.shape)}")
     _check_reduction(reduction)
-
-
-def _check_temperature(temperature: float) -> float:
-    return _check_number("temperature", temperature, 0.0, math.inf, open_low=True, open_high=True)
 
 
 def _reduce(rows: Tensor, reduction: str, count: Optional[Union[int, Tensor]] = None) -> Tensor:

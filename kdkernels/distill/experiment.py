@@ -65,8 +65,8 @@ class Experiment:
     """The runs of ``kdkernels distill`` for one recipe and mode, under ``out``."""
 
     def __init__(self, recipe: Recipe, *, mode: str = "offline", self_teacher: str = "ema",
-                 epochs: Optional[int] = None, teacher_epochs: Optional[int] = None, seeds: int = 3, device: str = "cpu", amp: bool = False,
-                 out: Path = Path("kdkernels-runs"), resume: bool = False, progress: bool = True,
+                 epochs: Optional[int] = None, teacher_epochs: Optional[int] = None, seeds: int = 3,
+                 device: str = "cpu", amp: bool = False, out: Path = Path("kdkernels-runs"), resume: bool = False, progress: bool = True,
                  log: Callable[[str], None] = print) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -89,7 +89,6 @@ class Experiment:
         recipe, data = self.recipe, self.data
         train = Batches(data.train_inputs, data.train_target, recipe.batch_size, shuffle=True, seed=seed)
         test = Batches(data.test_inputs, data.test_target, 1024)
-        scheme.to(self.device)
         optimizer = torch.optim.AdamW(scheme.trainable_parameters(), lr=lr or recipe.lr, weight_decay=recipe.weight_decay)
         scheduler = cosine_with_warmup(optimizer, epochs * len(train), warmup_steps=len(train))
         trainer = Trainer(scheme, optimizer, scheduler, device=self.device, amp=self.amp,
@@ -111,8 +110,7 @@ class Experiment:
         torch.manual_seed(0)
         scheme = Offline(self.recipe.teacher())
         history = self._train(scheme, f"teacher-e{self.teacher_epochs}{self._precision}", self.teacher_epochs, 0,
-                              resume=True,
-                              lr=self.recipe.teacher_lr)
+                              resume=True, lr=self.recipe.teacher_lr)
         return Run("teacher", 0, history, scheme.student)
 
     def alone(self, seed: int) -> Run:
@@ -132,9 +130,8 @@ class Experiment:
         elif self.self_teacher == "byot":
             scheme = DeepToShallow(self._student(seed, exits=True))
         else:
-            ema = self.self_teacher == "ema"
-            scheme = SelfTeacher(self._student(seed), recipe.distillation_terms()[:1], decay=0.999 if ema else 0.0,
-                                 every="step" if ema else "epoch")
+            scheme = SelfTeacher(self._student(seed), recipe.distillation_terms()[:1],
+                                 every="step" if self.self_teacher == "ema" else "epoch")
         # A distilled run's name says which teacher it learned from.
         teacher_epochs = f"-t{self.teacher_epochs}" if self.mode == "offline" else ""
         history = self._train(scheme, f"{self.label}{teacher_epochs}-e{self.epochs}{self._precision}-s{seed}",

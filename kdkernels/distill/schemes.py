@@ -157,7 +157,7 @@ class Offline(Scheme):
         else:
             parts = {label: term(student, None, target) for label, term in zip(self._labels, self.terms)
                      if not term.needs_teacher}
-            parts = parts or {"CrossEntropy": F.cross_entropy(student.logits, target)}
+            parts = parts or {"CrossEntropy": CrossEntropy()(student, None, target)}
         return torch.stack(list(parts.values())).sum(), {label: part.detach() for label, part in parts.items()}
 
 
