@@ -12,6 +12,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kdkernels compiled kernels";
   m.def("kd_loss_forward_cpu", &kdkernels::kd_loss_forward_cpu,
         "Fused KD loss forward on CPU: row losses and logit gradients");
+  m.def("kd_loss_shard_cpu", &kdkernels::kd_loss_shard_cpu,
+        "One vocab-parallel stage of the KD loss on CPU, on a rank's slice of the vocabulary");
   m.def("dkd_loss_forward_cpu", &kdkernels::dkd_loss_forward_cpu,
         "Fused DKD loss forward on CPU: row losses and student logit gradients");
   m.def("dist_loss_stats_cpu", &kdkernels::dist_loss_stats_cpu,

@@ -53,6 +53,30 @@ KDLossOutputs kd_loss_forward_cpu(const at::Tensor& student, const at::Tensor& t
                                   const std::vector<double>& divergence_args, int64_t ignore_index, bool student_grad,
                                   bool teacher_grad);
 
+// Vocab-parallel kd_loss (kdkernels/ops/vocab_parallel.py): the reads of the kernel split into
+// stages on one rank's slice [N, V_local] of the vocabulary, the ranks' outputs combined between
+// them. kd_loss_shard_cpu runs one stage and returns (out, grad_student, grad_teacher, status):
+//   kShardStats: out [N, kShardStatsWidth] = the slice's (max, sum of exp(x - max)) of student/T,
+//     teacher/T and the raw student (the CE term's; student/T again when T = 1 without softcap);
+//     status flags NaN or +inf.
+//   kShardSums: with norms [N, kShardStatsWidth], the whole row's log-normalisers as (max,
+//     log_sum) pairs: out [N, kShardSumsWidth] = the slice's row sums of the divergence terms
+//     (value, d_student, d_teacher) and the raw student logit at the target if the slice holds it.
+//   kShardGradient: with norms and sums [N, kShardSumsWidth] of the whole row: the slice's
+//     gradients of row_weight * (soft_weight * D + hard_weight * CE).
+// target: slice-local ids; ignore_index marks an ignored row, any other id outside [0, V_local)
+// a target on another slice. Not with standardize or adaptive KL (whole-row values in a read).
+enum ShardStage : int { kShardStats = 0, kShardSums = 1, kShardGradient = 2 };
+constexpr int64_t kShardStatsWidth = 6;
+constexpr int64_t kShardSumsWidth = 4;
+
+KDLossOutputs kd_loss_shard_cpu(int64_t stage, const at::Tensor& student, const at::Tensor& teacher,
+                                const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& norms,
+                                const std::optional<at::Tensor>& sums, double temperature, double softcap,
+                                double soft_weight, double hard_weight, int64_t divergence,
+                                const std::vector<double>& divergence_args, int64_t ignore_index, bool student_grad,
+                                bool teacher_grad);
+
 #ifdef KDKERNELS_WITH_CUDA
 KDLossOutputs kd_loss_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                    const std::optional<at::Tensor>& target,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from typing import Callable, Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
 
 from kdkernels import reference
 from kdkernels.ops import DIVERGENCES, kd_loss_rows, resolve_backend
@@ -21,10 +23,15 @@ from kdkernels.ops.fused_linear_kd_loss import fused_linear_kd_loss as fused_lin
 from kdkernels.ops.fused_linear_topk_kd_loss import fused_linear_topk_kd_loss as fused_linear_topk_kd_loss_op
 from kdkernels.ops.relation import relation_loss, relation_matrix
 from kdkernels.ops.topk_kd_loss import TRITON_MAX_K, topk_kd_loss_rows
+from kdkernels.ops.vocab_parallel import WHOLE_ROW_DIVERGENCES, gather_blocks
+from kdkernels.ops.vocab_parallel import group_name as vocab_parallel_group_name
+from kdkernels.ops.vocab_parallel import vocab_parallel_fused_linear_kd_loss as vocab_parallel_fused_linear_kd_loss_op
+from kdkernels.ops.vocab_parallel import vocab_parallel_kd_loss_rows
 
 Tensor = torch.Tensor
 
 REDUCTIONS = ("batchmean", "sum", "none")
+VOCAB_PARALLEL_BACKENDS = ("cpu", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -344,6 +351,19 @@ def _check_chunk_options(reduction: str, chunk_size: Optional[int]) -> None:
         raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
 
 
+def _head_rows(student: tuple, teacher: tuple, target: Optional[Tensor],
+               chunk_size: Optional[int]) -> tuple[Tensor, Tensor, Optional[Tensor], bool, bool, int]:
+    """The fused-linear ops' inputs from the (hidden, weight, bias) of both heads: the hidden
+    states as [N, H] rows, the target as [N] int64, whether each side wants gradients, and the
+    rows per chunk."""
+    h_s, h_t = (side[0].reshape(-1, side[0].shape[-1]) for side in (student, teacher))
+    rows_target = None if target is None else target.reshape(-1).long()
+    student_grad, teacher_grad = (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in side)
+                                  for side in (student, teacher))
+    chunk_rows = chunk_size or default_chunk_rows(h_s.shape[0], student[1].shape[0], h_s.shape[1])
+    return h_s, h_t, rows_target, student_grad, teacher_grad, chunk_rows
+
+
 def fused_linear_kd_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -412,21 +432,272 @@ def fused_linear_kd_loss(
             torch.nn.functional.linear(student_hidden, student_weight, student_bias),
             torch.nn.functional.linear(teacher_hidden, teacher_weight, teacher_bias), target, **keywords)
 
-    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
-    h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    rows_target = None if target is None else target.reshape(-1).long()
-    grad_enabled = torch.is_grad_enabled()
-    student_grad = grad_enabled and any(x is not None and x.requires_grad
-                                        for x in (student_hidden, student_weight, student_bias))
-    teacher_grad = grad_enabled and any(x is not None and x.requires_grad
-                                        for x in (teacher_hidden, teacher_weight, teacher_bias))
-    chunk_rows = chunk_size or default_chunk_rows(h_s.shape[0], vocab, h_s.shape[1])
+    h_s, h_t, rows_target, student_grad, teacher_grad, chunk_rows = _head_rows(
+        (student_hidden, student_weight, student_bias), (teacher_hidden, teacher_weight, teacher_bias), target,
+        chunk_size)
     loss, *_ = fused_linear_kd_loss_op(
         h_s, student_weight, student_bias, h_t, teacher_weight, teacher_bias, rows_target,
         options.row_weight(rows_target, h_s), options.kernel_temperature, options.softcap, options.standardize,
         options.soft_weight, options.hard_weight, divergence, options.divergence_args, options.ignore_index, chunk_rows,
         student_grad, teacher_grad, backend)
     return loss
+
+
+def _vocab_start(vocab_start: object) -> int:
+    if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
+        raise ValueError(f"vocab_start must be an int >= 0 (the global id of the slice's first entry), "
+                         f"got {vocab_start!r}")
+    return vocab_start
+
+
+def _vocab_parallel_options(keywords: dict, has_target: bool, device: torch.device,
+                            backend: str) -> tuple[_SoftOptions, str]:
+    """The checked KD keywords of a vocab-parallel loss and its backend."""
+    options = _SoftOptions.checked(keywords, has_target)
+    if options.divergence in WHOLE_ROW_DIVERGENCES:
+        raise NotImplementedError(f"divergence={options.divergence!r} has no vocab-parallel form: its weights need a "
+                                  "threshold over the whole row's sorted teacher probabilities")
+    if options.standardize:
+        raise NotImplementedError("standardize=True has no vocab-parallel form: it needs each whole row's mean and "
+                                  "std before the first read")
+    return options, resolve_backend(backend, device, VOCAB_PARALLEL_BACKENDS)
+
+
+def _vocab_parallel_logits_checks(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor],
+                                  vocab_start: int, keywords: dict, backend: str) -> tuple[_SoftOptions, str]:
+    """The local checks of vocab_parallel_kd_loss: its options and backend."""
+    _check_logits(student_logits, teacher_logits, None)
+    if target is not None:
+        _check_target(target, student_logits)
+    _vocab_start(vocab_start)
+    return _vocab_parallel_options(keywords, target is not None, student_logits.device, backend)
+
+
+def _vocab_parallel_heads_checks(heads: dict[str, Optional[Tensor]], target: Optional[Tensor], vocab_start: int,
+                                 chunk_size: Optional[int], keywords: dict, backend: str) -> tuple[_SoftOptions, str]:
+    """The local checks of vocab_parallel_fused_linear_kd_loss (`heads`: its hidden states,
+    weights and biases by argument name): its options and backend."""
+    _check_floats({name: x for name, x in heads.items() if x is not None},
+                  "[..., H] (hidden), [V_local, H] (weight), [V_local] (bias)")
+    _check_head("student", heads["student_hidden"], heads["student_weight"], heads["student_bias"])
+    _check_head("teacher", heads["teacher_hidden"], heads["teacher_weight"], heads["teacher_bias"])
+    student_hidden, teacher_hidden = heads["student_hidden"], heads["teacher_hidden"]
+    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(f"teacher_hidden shape {tuple(teacher_hidden.shape)} and student_hidden shape "
+                         f"{tuple(student_hidden.shape)} differ in their leading dimensions")
+    if heads["teacher_weight"].shape[0] != heads["student_weight"].shape[0]:
+        raise ValueError(f"student_weight and teacher_weight must hold the same vocabulary slice, got "
+                         f"{heads['student_weight'].shape[0]} and {heads['teacher_weight'].shape[0]} rows")
+    if target is not None:
+        _check_target(target, student_hidden, "student_hidden")
+    _check_chunk_options(keywords["reduction"], chunk_size)
+    _vocab_start(vocab_start)
+    return _vocab_parallel_options(keywords, target is not None, student_hidden.device, backend)
+
+
+def _agreed_across_ranks(check: Callable[[], tuple], group: Optional[dist.ProcessGroup], device: torch.device,
+                         vocab_start: object, vocab: int, rows: int, dtype: torch.dtype, has_target: bool) -> tuple:
+    """check()'s result once every rank of `group` has passed its own checks and the ranks agree
+    (one all_gather of a few integers): the same row count, dtype and target presence, and vocabulary
+    slices that tile [0, V) without gap or overlap. Otherwise every rank raises, so that none waits
+    in a collective the others never reach: its own error, or a ValueError naming the ranks at fault."""
+    try:
+        result, error = check(), None
+    except (TypeError, ValueError, NotImplementedError) as exc:
+        result, error = None, exc
+    start = vocab_start if isinstance(vocab_start, int) and not isinstance(vocab_start, bool) else -1
+    dtype_code = _FLOAT_DTYPES.index(dtype) if dtype in _FLOAT_DTYPES else -1
+    mine = torch.tensor([error is not None, start, vocab, rows, dtype_code, has_target], device=device)
+    table = gather_blocks(mine, group).tolist()
+    if error is not None:
+        raise error
+    failed = [rank for rank, row in enumerate(table) if row[0]]
+    if failed:
+        raise ValueError(f"vocab-parallel KD: the inputs of rank(s) {failed} failed their checks (see the error there)")
+    for column, what in ((3, "row counts"), (4, "dtypes"), (5, "target presence (some ranks pass target, others not)")):
+        if len({row[column] for row in table}) > 1:
+            raise ValueError(f"vocab-parallel KD: the ranks' {what} differ: {[row[column] for row in table]}")
+    slices = sorted((row[1], row[1] + row[2], rank) for rank, row in enumerate(table))
+    end = 0
+    for first, last, rank in slices:
+        if first != end:
+            raise ValueError(f"vocab-parallel KD: the vocabulary slices [vocab_start, vocab_start + V_local) of the "
+                             f"ranks must tile [0, V); rank {rank} starts at {first} where {end} was expected "
+                             f"({'a gap' if first > end else 'an overlap'}); slices by rank: "
+                             f"{[(row[1], row[1] + row[2]) for row in table]}")
+        end = last
+    return result
+
+
+def vocab_parallel_kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Optional[Tensor] = None,
+    *,
+    vocab_start: int,
+    group: Optional[dist.ProcessGroup] = None,
+    validate: bool = True,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    ab_alpha: Optional[float] = None,
+    ab_beta: Optional[float] = None,
+    akl_mu: float = 0.5,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+    scale_by_temperature: bool = True,
+    num_items: Optional[Union[int, Tensor]] = None,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    standardize: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """:func:`kd_loss` of logits split over the vocabulary across the ranks of a
+    ``torch.distributed`` process group (tensor-parallel LM heads).
+
+    Each rank passes its slice ``[..., V_local]`` of both logits, for the vocabulary ids
+    ``[vocab_start, vocab_start + V_local)``; slices may differ in size (an uneven last slice, a
+    padded vocabulary masked with -inf) and must tile ``[0, V)``. ``target`` holds global ids and
+    is the same on every rank. Every rank gets the same value: exactly ``kd_loss`` of the
+    concatenated full-vocabulary logits with the same keywords, and gradients for its own slices
+    (the teacher's too where it requires grad).
+
+    How: three fused reads of the local slices and two collectives on ``group`` (default: the
+    world) per call. The first read gives each row's slice statistics, (max, sum of exp) of
+    student/T, teacher/T and the raw student, which one all_gather of 8 values per row
+    exchanges; every rank combines them into the rows' log-normalisers. The second read sums
+    the divergence's terms (and picks the raw target logit on the rank that holds it), and one
+    ``all_reduce`` of 4 values per row adds them up. The third read writes the gradients. A rank
+    sends 48 bytes per row (fp32; 96 for fp64 logits) whatever V is, against ``V_local`` values
+    per row to gather the logits. ``validate=True`` adds one small ``all_gather`` of 6 integers per
+    rank that checks the slices tile ``[0, V)`` and that the ranks agree on rows, dtype and target;
+    a failed check raises on every rank rather than leaving the others waiting. Without it, the
+    caller vouches for the layout (a target in no slice or in two is still caught); under
+    ``torch.compile(fullgraph=True)`` pass ``validate=False`` (the check reads the exchanged
+    integers on the host).
+
+    All divergences but ``"akl"`` (its head threshold needs the whole sorted row) are supported,
+    with ``logit_scale`` and ``softcap``; ``standardize`` is not (NotImplementedError). Backends:
+    cpu (e.g. gloo) and triton (CUDA tensors, e.g. NCCL).
+    """
+    keywords = _kd_keywords(locals())
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("vocab_parallel_kd_loss needs an initialised torch.distributed process group")
+    checked = functools.partial(_vocab_parallel_logits_checks, student_logits, teacher_logits, target, vocab_start,
+                                keywords, backend)
+    if validate:
+        shape = getattr(student_logits, "shape", (0,))
+        device = student_logits.device if isinstance(student_logits, Tensor) else torch.device("cpu")
+        options, kernel_backend = _agreed_across_ranks(
+            checked, group, device, vocab_start, shape[-1] if shape else 0, math.prod(shape[:-1]),
+            getattr(student_logits, "dtype", None), target is not None)
+    else:
+        options, kernel_backend = checked()
+    lead_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    student, teacher = _kernel_rows(student_logits, vocab), _kernel_rows(teacher_logits, vocab)
+    rows_target = None if target is None else target.reshape(-1).long()
+    grad_enabled = torch.is_grad_enabled()
+    rows, _, _ = vocab_parallel_kd_loss_rows(
+        student, teacher, rows_target, options.row_weight(rows_target, student), vocab_start,
+        options.kernel_temperature, options.softcap, options.soft_weight, options.hard_weight, divergence,
+        options.divergence_args, options.ignore_index, grad_enabled and student_logits.requires_grad,
+        grad_enabled and teacher_logits.requires_grad, vocab_parallel_group_name(group), kernel_backend)
+    if reduction == "none":
+        return rows.reshape(lead_shape)
+    return rows.sum()
+
+
+def vocab_parallel_fused_linear_kd_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    target: Optional[Tensor] = None,
+    *,
+    vocab_start: int,
+    group: Optional[dist.ProcessGroup] = None,
+    validate: bool = True,
+    student_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    ab_alpha: Optional[float] = None,
+    ab_beta: Optional[float] = None,
+    akl_mu: float = 0.5,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+    scale_by_temperature: bool = True,
+    num_items: Optional[Union[int, Tensor]] = None,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    standardize: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """:func:`fused_linear_kd_loss` with tensor-parallel LM heads: each rank holds the rows
+    ``[vocab_start, vocab_start + V_local)`` of both heads' weights ``[V_local, H]`` (and biases),
+    as a Megatron ``ColumnParallelLinear`` does, and the hidden states of all rows (the same on
+    every rank). Never more than one chunk of local logits exists.
+
+    Per chunk of rows, the logits of the local slice are projected and
+    :func:`vocab_parallel_kd_loss`'s three reads and two collectives run on them; the weight and
+    bias gradients are this rank's rows; the hidden-state gradients are those of the whole loss,
+    summed over the ranks by one more ``all_reduce`` at the end (so pass the hidden states
+    themselves, not the output of a copy-to-tensor-parallel region whose backward would add them
+    up again). Collectives per call: ``2 * ceil(N / chunk_size) + 1`` (the last only when a hidden
+    state needs a gradient), plus one with ``validate``. Keywords as in
+    :func:`fused_linear_kd_loss` and :func:`vocab_parallel_kd_loss`.
+    """
+    keywords = _kd_keywords(locals())
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("vocab_parallel_fused_linear_kd_loss needs an initialised torch.distributed process group")
+    heads = {"student_hidden": student_hidden, "student_weight": student_weight, "student_bias": student_bias,
+             "teacher_hidden": teacher_hidden, "teacher_weight": teacher_weight, "teacher_bias": teacher_bias}
+    checked = functools.partial(_vocab_parallel_heads_checks, heads, target, vocab_start, chunk_size, keywords,
+                                backend)
+    if validate:
+        vocab = student_weight.shape[0] if isinstance(student_weight, Tensor) and student_weight.dim() else 0
+        rows = math.prod(student_hidden.shape[:-1]) if isinstance(student_hidden, Tensor) else 0
+        device = student_hidden.device if isinstance(student_hidden, Tensor) else torch.device("cpu")
+        options, kernel_backend = _agreed_across_ranks(checked, group, device, vocab_start, vocab, rows,
+                                                       getattr(student_hidden, "dtype", None), target is not None)
+    else:
+        options, kernel_backend = checked()
+    h_s, h_t, rows_target, student_grad, teacher_grad, chunk_rows = _head_rows(
+        (student_hidden, student_weight, student_bias), (teacher_hidden, teacher_weight, teacher_bias), target,
+        chunk_size)
+    loss, *_ = vocab_parallel_fused_linear_kd_loss_op(
+        h_s, student_weight, student_bias, h_t, teacher_weight, teacher_bias, rows_target,
+        options.row_weight(rows_target, h_s), vocab_start, options.kernel_temperature, options.softcap,
+        options.soft_weight, options.hard_weight, divergence, options.divergence_args, options.ignore_index, chunk_rows,
+        student_grad, teacher_grad, vocab_parallel_group_name(group), kernel_backend)
+    return loss
+
+
+def global_num_items(targets: Union[Tensor, Sequence[Tensor]], *, ignore_index: int = -100,
+                     group: Optional[dist.ProcessGroup] = None, average_gradients: bool = True) -> Tensor:
+    """The ``num_items`` that makes data-parallel training with gradient accumulation give the
+    gradient of one big batch: the number of targets that are not ``ignore_index`` in ``targets``
+    (this rank's micro-batches of one optimizer step) summed over the ranks of ``group`` (default:
+    the world) by one ``all_reduce``. Pass it as ``num_items`` to every micro-batch's
+    ``reduction="batchmean"`` loss. DDP and FSDP average the gradients over the ranks, so with
+    ``average_gradients=True`` the count is divided by the group size: the averaged gradient is then
+    that of the loss summed over the whole global batch and divided by its count. Returns a 0-d
+    fp64 tensor on the targets' device (ignored, and equal on every rank)."""
+    targets = [targets] if isinstance(targets, Tensor) else list(targets)
+    if not targets or not all(isinstance(t, Tensor) and not t.is_floating_point() for t in targets):
+        raise TypeError("targets must be an integer tensor or a non-empty sequence of them (one per micro-batch)")
+    count = sum((t != ignore_index).sum() for t in targets).to(torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(count, group=group)
+        if average_gradients:
+            count = count / dist.get_world_size(group)
+    return count
 
 
 TOPK_TAILS = ("renormalize", "bucket")

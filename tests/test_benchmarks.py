@@ -1,7 +1,13 @@
-"""The benchmark modules run (tiny shapes, in process): every implementation the fused-linear
-benchmark times yields a time and a peak, and the table compares each with its unfused path."""
+"""The benchmark modules run (tiny shapes): every implementation the fused-linear benchmark times
+yields a time and a peak, and the table compares each with its unfused path; the vocab-parallel
+benchmark script runs its 2 processes end to end."""
 
 from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -19,3 +25,12 @@ def test_fused_linear_benchmark_measures_every_implementation():
 def test_fused_linear_benchmark_rejects_an_unknown_implementation():
     with pytest.raises(ValueError, match="implementation must be one of"):
         benchmark_fused_linear.measure("fastest", 8, 8, 100, "float32", "cpu", 1)
+
+
+def test_vocab_parallel_benchmark_runs(tmp_path):
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "vocab_parallel.py"
+    out = tmp_path / "vp.json"
+    subprocess.run([sys.executable, str(script), "--rows", "8", "--vocab", "64", "--repeats", "1", "--json", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    results = json.loads(out.read_text())["results"]
+    assert results["kdkernels"]["collectives"] == 2 and all(row["median_ms"] > 0 for row in results.values())

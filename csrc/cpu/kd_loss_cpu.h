@@ -5,6 +5,7 @@
 #pragma once
 
 #include "../divergences.h"
+#include "../kd_loss.h"
 
 #include <ATen/ATen.h>
 
@@ -16,8 +17,9 @@ namespace cpu {
 
 constexpr int kKdLossParts = 4;
 
-// The checked arguments of one kd_loss_forward_cpu call, with its outputs allocated (a gradient
-// that is not wanted is empty); soft_weight and hard_weight include the row weight.
+// The checked arguments of one kd_loss_forward_cpu or kd_loss_shard_cpu call, with its outputs
+// allocated (a gradient that is not wanted is empty); soft_weight and hard_weight include the
+// row weight.
 struct KDLossCall {
   at::Tensor student, teacher, target;  // target undefined without one
   at::Tensor loss, grad_student, grad_teacher, status;
@@ -27,6 +29,8 @@ struct KDLossCall {
   Divergence divergence;
   std::vector<double> divergence_args;
   int64_t ignore_index;
+  int shard_stage = -1;  // a ShardStage (csrc/kd_loss.h), -1 for whole rows; loss is then its output
+  at::Tensor norms, sums;  // the shard stages' inputs, undefined where not used
 };
 
 template <int kPart>

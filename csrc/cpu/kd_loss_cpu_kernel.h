@@ -56,6 +56,20 @@ struct SoftView {
   acc_t center, scale, count, std, coupling;
 };
 
+// A vocab-parallel stage (process_shard_row): norms holds each row's whole-vocabulary
+// log-normalisers of student/T, teacher/T and the raw student as (max, log_sum) pairs
+// (kShardStatsWidth per row, stages kShardSums and kShardGradient), sums the whole row's
+// divergence term sums (kShardSumsWidth per row, stage kShardGradient); out receives the
+// stage's per-row output (kShardStats: the slice's (max, sum of exp(x - max)) pairs;
+// kShardSums: the slice's term sums and raw target logit).
+template <typename acc_t>
+struct ShardArgs {
+  int stage;
+  const acc_t* norms;
+  const acc_t* sums;
+  acc_t* out;
+};
+
 // The soft term's view of n logits: x / T, or softcap * tanh(x / softcap) / T (values that are not
 // finite pass through, so that -inf stays masked and NaN or +inf are still found).
 template <typename scalar_t, typename acc_t>
@@ -154,11 +168,16 @@ KD_INLINE SoftView<acc_t> standardized_view(const RowArgs<scalar_t, acc_t>& args
 }
 
 template <typename scalar_t, typename acc_t>
+KD_INLINE void zero_gradients(const RowArgs<scalar_t, acc_t>& args, int64_t row) {
+  if (args.grad_student) std::fill_n(args.grad_student + row * args.vocab, args.vocab, scalar_t(0));
+  if (args.grad_teacher) std::fill_n(args.grad_teacher + row * args.vocab, args.vocab, scalar_t(0));
+}
+
+template <typename scalar_t, typename acc_t>
 KD_INLINE void finish_without_loss(const RowArgs<scalar_t, acc_t>& args, int64_t row, RowStatus status) {
   args.status[row] = status;
   args.loss[row] = 0;
-  if (args.grad_student) std::fill_n(args.grad_student + row * args.vocab, args.vocab, scalar_t(0));
-  if (args.grad_teacher) std::fill_n(args.grad_teacher + row * args.vocab, args.vocab, scalar_t(0));
+  zero_gradients(args, row);
 }
 
 constexpr int kHeadBuckets = 2048;
@@ -403,6 +422,19 @@ KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, const Divergen
 }
 
 template <typename Div, typename scalar_t, typename acc_t>
+KD_INLINE void write_gradients(const RowArgs<scalar_t, acc_t>& args, const DivergenceParams<acc_t>& params,
+                               int64_t row, int64_t y, bool soft, bool separate_ce, const GradientScales<acc_t>& scales,
+                               acc_t* a, acc_t* b, acc_t* c) {
+  if (soft) {
+    separate_ce ? gradient_row<Div, true, true>(args, params, row, y, scales, a, b, c)
+                : gradient_row<Div, true, false>(args, params, row, y, scales, a, b, c);
+  } else {
+    separate_ce ? gradient_row<Div, false, true>(args, params, row, y, scales, a, b, c)
+                : gradient_row<Div, false, false>(args, params, row, y, scales, a, b, c);
+  }
+}
+
+template <typename Div, typename scalar_t, typename acc_t>
 KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, acc_t* a, acc_t* b, acc_t* c) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const int64_t vocab = args.vocab;
@@ -495,36 +527,102 @@ KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, ac
   }
 
   // Read 3: gradients of the row loss.
-  const GradientScales<acc_t> scales{norm_a, norm_b, norm_c, view_a, view_b, args.soft_weight,
-                                     need_ce ? args.hard_weight : acc_t(0), sums.d_student, sums.d_teacher};
-  if (need_soft) {
-    separate_ce ? gradient_row<Div, true, true>(args, params, row, y, scales, a, b, c)
-                : gradient_row<Div, true, false>(args, params, row, y, scales, a, b, c);
-  } else {
-    separate_ce ? gradient_row<Div, false, true>(args, params, row, y, scales, a, b, c)
-                : gradient_row<Div, false, false>(args, params, row, y, scales, a, b, c);
-  }
+  write_gradients<Div>(args, params, row, y, need_soft, separate_ce,
+                       {norm_a, norm_b, norm_c, view_a, view_b, args.soft_weight,
+                        need_ce ? args.hard_weight : acc_t(0), sums.d_student, sums.d_teacher},
+                       a, b, c);
 }
 
+// The vocab-parallel stages (ShardStage) of one row of a rank's slice of the vocabulary; the
+// caller combines the ranks' outputs between stages (kdkernels/ops/vocab_parallel.py). target
+// holds slice-local ids: ignore_index for an ignored row (no loss, zero gradients), a value
+// outside [0, V_local) for a target on another slice. Softcap applies; standardize and adaptive
+// KL need whole-row values inside the reads and are refused by the caller.
 template <typename Div, typename scalar_t, typename acc_t>
-KD_INLINE void process_row_range(const RowArgs<scalar_t, acc_t>& args, int64_t begin, int64_t end) {
+KD_INLINE void process_shard_row(const RowArgs<scalar_t, acc_t>& args, const ShardArgs<acc_t>& shard, int64_t row,
+                                 acc_t* a, acc_t* b, acc_t* c) {
+  const int64_t vocab = args.vocab;
+  const scalar_t* student = args.student + row * args.student_stride;
+  const scalar_t* teacher = args.teacher + row * args.teacher_stride;
+  const bool has_target = args.target != nullptr;
+  const int64_t y = has_target ? args.target[row] : -1;
+  const bool ignored = has_target && y == args.ignore_index;
+  const int64_t local_y = has_target && y >= 0 && y < vocab ? y : -1;
+  const bool need_soft = args.soft_weight != 0;
+  const bool need_ce = has_target && args.hard_weight != 0;
+  const bool separate_ce = need_ce && (!args.unit_temperature || args.softcap != 0);
+  const SoftView<acc_t> view{0, args.inv_temperature, 0, 0, 0};
+  args.status[row] = kOk;
+
+  if (shard.stage == kShardStats) {  // read 1
+    OnlineSide<acc_t> side_a, side_b, side_c;
+    int bad_student = 0, bad_teacher = 0;
+    for (int64_t j0 = 0; j0 < vocab && !ignored; j0 += kChunk) {
+      const int64_t n = std::min(kChunk, vocab - j0);
+      load_soft(args, view, student + j0, n, a);
+      accumulate_exp(a, n, chunk_max(a, n, bad_student), side_a);
+      if (need_soft) {
+        load_soft(args, view, teacher + j0, n, b);
+        accumulate_exp(b, n, chunk_max(b, n, bad_teacher), side_b);
+      }
+      if (separate_ce) {
+        load_scaled(student + j0, n, acc_t(1), c);
+        accumulate_exp(c, n, chunk_max(c, n, bad_student), side_c);
+      }
+    }
+    if (bad_student) args.status[row] = kStudentNonFinite;
+    if (bad_teacher && !bad_student) args.status[row] = kTeacherNonFinite;
+    if (!separate_ce) side_c = side_a;
+    const acc_t stats[kShardStatsWidth] = {side_a.max, side_a.sum, side_b.max, side_b.sum, side_c.max, side_c.sum};
+    std::copy_n(stats, kShardStatsWidth, shard.out + row * kShardStatsWidth);
+    return;
+  }
+
+  const acc_t* n = shard.norms + row * kShardStatsWidth;
+  const LogNormaliser<acc_t> norm_a{n[0], n[1]}, norm_b{n[2], n[3]}, norm_c{n[4], n[5]};
+  if (shard.stage == kShardSums) {  // read 2
+    RowSums<acc_t> sums{};
+    if (need_soft && !ignored) {
+      sums = term_sums<Div, false>(args, student, teacher, view, view, norm_a, norm_b, args.params, a, b);
+    }
+    const acc_t target_logit = need_ce && !ignored && local_y >= 0 ? static_cast<acc_t>(student[local_y]) : acc_t(0);
+    const acc_t out[kShardSumsWidth] = {sums.value, sums.d_student, sums.d_teacher, target_logit};
+    std::copy_n(out, kShardSumsWidth, shard.out + row * kShardSumsWidth);
+    return;
+  }
+
+  if (ignored) return zero_gradients(args, row);  // read 3
+  const acc_t* sums = shard.sums + row * kShardSumsWidth;
+  write_gradients<Div>(args, args.params, row, local_y, need_soft, separate_ce,
+                       {norm_a, norm_b, norm_c, view, view, args.soft_weight, need_ce ? args.hard_weight : acc_t(0),
+                        sums[1], sums[2]},
+                       a, b, c);
+}
+
+// Whole rows, or with `shard` one vocab-parallel stage of them.
+template <typename Div, typename scalar_t, typename acc_t>
+KD_INLINE void process_row_range(const RowArgs<scalar_t, acc_t>& args, const ShardArgs<acc_t>* shard, int64_t begin,
+                                 int64_t end) {
   alignas(64) acc_t a[kChunk], b[kChunk], c[kChunk];
-  for (int64_t row = begin; row < end; ++row) process_row<Div>(args, row, a, b, c);
+  for (int64_t row = begin; row < end; ++row) {
+    shard ? process_shard_row<Div>(args, *shard, row, a, b, c) : process_row<Div>(args, row, a, b, c);
+  }
 }
 
 // Cloned per ISA level for the float accumulation of fp32, bf16 and fp16 inputs; fp64 inputs
 // (gradcheck, references) take the one default build, which keeps the compile time down.
 template <typename Div, typename scalar_t, typename acc_t>
-KD_CPU_CLONES void process_rows_cloned(const RowArgs<scalar_t, acc_t>& args, int64_t begin, int64_t end) {
-  process_row_range<Div>(args, begin, end);
+KD_CPU_CLONES void process_rows_cloned(const RowArgs<scalar_t, acc_t>& args, const ShardArgs<acc_t>* shard,
+                                       int64_t begin, int64_t end) {
+  process_row_range<Div>(args, shard, begin, end);
 }
 
 template <typename Div, typename scalar_t, typename acc_t>
-void process_rows(const RowArgs<scalar_t, acc_t>& args, int64_t begin, int64_t end) {
+void process_rows(const RowArgs<scalar_t, acc_t>& args, const ShardArgs<acc_t>* shard, int64_t begin, int64_t end) {
   if constexpr (std::is_same_v<acc_t, double>) {
-    process_row_range<Div>(args, begin, end);
+    process_row_range<Div>(args, shard, begin, end);
   } else {
-    process_rows_cloned<Div>(args, begin, end);
+    process_rows_cloned<Div>(args, shard, begin, end);
   }
 }
 
@@ -545,12 +643,15 @@ bool kd_loss_part(const KDLossCall& call) {
         static_cast<acc_t>(call.hard_weight), call.temperature == 1.0, static_cast<acc_t>(call.softcap),
         static_cast<acc_t>(call.softcap > 0 ? call.temperature / call.softcap : 0.0), call.standardize,
         make_divergence_params<acc_t>(call.divergence, call.divergence_args)};
+    const ShardArgs<acc_t> shard{call.shard_stage, call.norms.defined() ? call.norms.data_ptr<acc_t>() : nullptr,
+                                 call.sums.defined() ? call.sums.data_ptr<acc_t>() : nullptr,
+                                 call.loss.data_ptr<acc_t>()};
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(vocab, 1));
     dispatch_divergence(call.divergence, [&](auto div) {
       using Div = decltype(div);
       if constexpr (static_cast<int>(Div::kId) % kKdLossParts == kPart) {
         at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-          process_rows<Div, scalar_t, acc_t>(args, begin, end);
+          process_rows<Div, scalar_t, acc_t>(args, call.shard_stage < 0 ? nullptr : &shard, begin, end);
         });
         ran = true;
       }

@@ -62,4 +62,4 @@ def _(student, teacher, temperature, beta, gamma, eps, student_grad, backend):
                                                                      student.shape[1])
 
 
-saved_gradients.register_student_gradient_autograd(dist_loss_op, num_inputs=8, per_row=False)
+saved_gradients.register_leading_gradients_autograd(dist_loss_op, num_inputs=8)

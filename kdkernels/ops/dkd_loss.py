@@ -37,4 +37,4 @@ def _(student, teacher, target, row_weight, temperature, alpha, beta, ignore_ind
     return student.new_empty(rows, dtype=acc_dtype), student.new_empty(rows if student_grad else 0, vocab)
 
 
-saved_gradients.register_student_gradient_autograd(dkd_loss_rows, num_inputs=10, per_row=True)
+saved_gradients.register_leading_gradients_autograd(dkd_loss_rows, num_inputs=10, per_row=True)

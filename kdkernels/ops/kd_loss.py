@@ -114,19 +114,4 @@ def _(student, teacher, target, row_weight, temperature, softcap, standardize, s
             student.new_empty(rows if teacher_grad else 0, vocab))
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    _, grad_student, grad_teacher = output
-    ctx.save_for_backward(grad_student, grad_teacher)
-    ctx.mark_non_differentiable(grad_student, grad_teacher)
-    ctx.set_materialize_grads(False)  # no zero-filled gradient-sized buffers for those outputs
-
-
-def _backward(ctx, grad_loss: Optional[Tensor], _grad_student_out, _grad_teacher_out):
-    if grad_loss is None:  # the row losses did not reach the differentiated output
-        return (None,) * 15
-    saved_gradients.check_first_order()
-    grads = [grad if needed else None for grad, needed in zip(ctx.saved_tensors, ctx.needs_input_grad[:2])]
-    return (*saved_gradients.scaled(grads, grad_loss.unsqueeze(-1)),) + (None,) * 13
-
-
-kd_loss_rows.register_autograd(_backward, setup_context=_setup_context)
+saved_gradients.register_leading_gradients_autograd(kd_loss_rows, num_inputs=15, per_row=True)

@@ -46,32 +46,10 @@ def scaled(grads: list[Optional[Tensor]], scale: Tensor) -> list[Optional[Tensor
     return [None if grad is None else torch.mul(grad, scale, out=torch.empty_like(grad)) for grad in grads]
 
 
-def register_student_gradient_autograd(op, num_inputs: int, per_row: bool) -> None:
-    """Autograd of a custom op whose first input is the student logits and whose outputs are the
-    loss (per row when per_row) and the student gradient the forward wrote (empty when the
-    forward was not asked for it): backward scales that gradient by the upstream one."""
-
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(output[1])
-        ctx.mark_non_differentiable(output[1])
-        ctx.set_materialize_grads(False)
-
-    def backward(ctx, grad_loss: Optional[Tensor], _grad_student_out):
-        if grad_loss is None:
-            return (None,) * num_inputs
-        check_first_order()
-        (grad_student,) = ctx.saved_tensors
-        wanted = ctx.needs_input_grad[0] and grad_student.numel()
-        scale = grad_loss.unsqueeze(-1) if per_row else grad_loss
-        return (*scaled([grad_student if wanted else None], scale),) + (None,) * (num_inputs - 1)
-
-    op.register_autograd(backward, setup_context=setup_context)
-
-
-def register_leading_gradients_autograd(op, num_inputs: int) -> None:
-    """Autograd of a custom op whose outputs are a scalar loss and then the gradients the forward
-    wrote for its leading inputs, in order (each empty when not asked for or absent): backward
-    scales them by the upstream gradient."""
+def register_leading_gradients_autograd(op, num_inputs: int, per_row: bool = False) -> None:
+    """Autograd of a custom op whose outputs are the loss (a scalar, or [N] per row when per_row)
+    and then the gradients the forward wrote for its leading inputs, in order (each empty when not
+    asked for or absent): backward scales them by the upstream gradient (row by row when per_row)."""
 
     def setup_context(ctx, inputs, output) -> None:
         grads = output[1:]
@@ -85,6 +63,7 @@ def register_leading_gradients_autograd(op, num_inputs: int) -> None:
         check_first_order()
         grads = [grad if needed and grad.numel() else None
                  for grad, needed in zip(ctx.saved_tensors, ctx.needs_input_grad)]
-        return (*scaled(grads, grad_loss),) + (None,) * (num_inputs - len(grads))
+        scale = grad_loss.unsqueeze(-1) if per_row else grad_loss
+        return (*scaled(grads, scale),) + (None,) * (num_inputs - len(grads))
 
     op.register_autograd(backward, setup_context=setup_context)

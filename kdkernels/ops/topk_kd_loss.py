@@ -59,4 +59,4 @@ def _(student, indices, logprobs, target, row_weight, temperature, soft_weight, 
     return student.new_empty(rows, dtype=acc_dtype), student.new_empty(rows if student_grad else 0, vocab)
 
 
-saved_gradients.register_student_gradient_autograd(topk_kd_loss_rows, num_inputs=14, per_row=True)
+saved_gradients.register_leading_gradients_autograd(topk_kd_loss_rows, num_inputs=14, per_row=True)

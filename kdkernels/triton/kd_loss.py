@@ -169,6 +169,22 @@ def _terms(lp, lq, p, q, weight, complement, log_weight, log_complement, ab_alph
 
 
 @triton.jit
+def _shared_terms(a, b, m_a, logz_a, m_b, logz_b, weight, complement, log_weight, log_complement, ab_alpha, ab_beta,
+                  ab_inv_alpha, ab_inv_beta, ab_inv_sum, ab_offset_middle, ab_spread, ab_lowest, ab_middle,
+                  DIVERGENCE: tl.constexpr, TERMS: tl.constexpr):
+    """(p, q, value, d_student, d_teacher) of soft values a (student) and b (teacher) with the
+    rows' (max, log sum) normalisers: the _terms, 0 where either entry is -inf (masked)."""
+    shared = (a > float("-inf")) & (b > float("-inf"))
+    q = tl.exp((a - m_a) - logz_a)
+    p = tl.exp((b - m_b) - logz_b)
+    lq = tl.where(shared, (a - m_a) - logz_a, 0.0)
+    lp = tl.where(shared, (b - m_b) - logz_b, 0.0)
+    v, ds, dt = _terms(lp, lq, p, q, weight, complement, log_weight, log_complement, ab_alpha, ab_beta, ab_inv_alpha,
+                       ab_inv_beta, ab_inv_sum, ab_offset_middle, ab_spread, ab_lowest, ab_middle, DIVERGENCE, TERMS)
+    return p, q, tl.where(shared, v, 0.0), tl.where(shared, ds, 0.0), tl.where(shared, dt, 0.0)
+
+
+@triton.jit
 def _row_sums(lse_a, lse_b, mass_a, logratio_a, mass_b, logratio_b, weight, complement, DIVERGENCE: tl.constexpr):
     """Row sums of _terms from the normalised support sums (divergences with SUMS_FROM_STATS); the
     log-normalisers and log-ratios are of anchored values (csrc/divergences.h, SupportStats)."""
@@ -490,22 +506,20 @@ def _kd_loss_kernel(
                 inside = offs < V
                 a = _load_soft(s_row + offs, inside, center_a, scale_a, softcap, SOFTCAP, ACC)
                 b = _load_soft(t_row + offs, inside, center_b, scale_b, softcap, SOFTCAP, ACC)
-                shared = (a > neg_inf) & (b > neg_inf)
-                lq = tl.where(shared, (a - m_a) - logz_a, 0.0)
-                lp = tl.where(shared, (b - m_b) - logz_b, 0.0)
-                v, ds, dt = _terms(lp, lq, tl.exp(lp), tl.exp(lq), mix_weight, mix_complement, log_mix_weight,
-                                   log_mix_complement, ab_alpha, ab_beta, ab_inv_alpha, ab_inv_beta,
-                                   ab_inv_sum, ab_offset_middle, ab_spread, ab_lowest, ab_middle, DIVERGENCE, TERMS)
-                value += tl.sum(tl.where(shared, v, 0.0))
-                sum_d_student += tl.sum(tl.where(shared, ds, 0.0))
-                sum_d_teacher += tl.sum(tl.where(shared, dt, 0.0))
+                p, q, v, ds, dt = _shared_terms(
+                    a, b, m_a, logz_a, m_b, logz_b, mix_weight, mix_complement, log_mix_weight, log_mix_complement,
+                    ab_alpha, ab_beta, ab_inv_alpha, ab_inv_beta, ab_inv_sum, ab_offset_middle, ab_spread, ab_lowest,
+                    ab_middle, DIVERGENCE, TERMS)
+                value += tl.sum(v)
+                sum_d_student += tl.sum(ds)
+                sum_d_teacher += tl.sum(dt)
                 if STANDARDIZE:
                     a_finite = tl.where(a > neg_inf, a, 0.0)
                     b_finite = tl.where(b > neg_inf, b, 0.0)
-                    moment_a += tl.sum(tl.where(shared, ds * a_finite, 0.0))
-                    mean_a += tl.sum(tl.exp((a - m_a) - logz_a) * a_finite)
-                    moment_b += tl.sum(tl.where(shared, dt * b_finite, 0.0))
-                    mean_b += tl.sum(tl.exp((b - m_b) - logz_b) * b_finite)
+                    moment_a += tl.sum(ds * a_finite)
+                    mean_a += tl.sum(q * a_finite)
+                    moment_b += tl.sum(dt * b_finite)
+                    mean_b += tl.sum(p * b_finite)
     loss = soft_weight * value
     if HAS_TARGET:
         loss += tl.where(hard_weight != 0, hard_weight * ce, 0.0)  # the CE term off: ce may be inf
@@ -534,16 +548,13 @@ def _kd_loss_kernel(
             grad_t = tl.zeros((BLOCK,), ACC)
             if NEED_SOFT:
                 b = _load_soft(t_row + offs, inside, center_b, scale_b, softcap, SOFTCAP, ACC)
-                p = tl.exp((b - m_b) - logz_b)
-                shared = (a > neg_inf) & (b > neg_inf)
-                lq = tl.where(shared, (a - m_a) - logz_a, 0.0)
-                lp = tl.where(shared, (b - m_b) - logz_b, 0.0)
-                v, ds, dt = _terms(lp, lq, p, q, mix_weight, mix_complement, log_mix_weight, log_mix_complement,
-                                   ab_alpha, ab_beta, ab_inv_alpha, ab_inv_beta, ab_inv_sum, ab_offset_middle,
-                                   ab_spread, ab_lowest, ab_middle, DIVERGENCE, TERMS)
-                grad_s += soft_weight * scale_a * (tl.where(shared, ds, 0.0) - q * sum_d_student) * _softcap_slope(
+                p, q, v, ds, dt = _shared_terms(
+                    a, b, m_a, logz_a, m_b, logz_b, mix_weight, mix_complement, log_mix_weight, log_mix_complement,
+                    ab_alpha, ab_beta, ab_inv_alpha, ab_inv_beta, ab_inv_sum, ab_offset_middle, ab_spread, ab_lowest,
+                    ab_middle, DIVERGENCE, TERMS)
+                grad_s += soft_weight * scale_a * (ds - q * sum_d_student) * _softcap_slope(
                     a, cap_scale, SOFTCAP) - tl.where(a > neg_inf, coupling_a * a, 0.0)
-                grad_t = soft_weight * scale_b * (tl.where(shared, dt, 0.0) - p * sum_d_teacher) * _softcap_slope(
+                grad_t = soft_weight * scale_b * (dt - p * sum_d_teacher) * _softcap_slope(
                     b, cap_scale, SOFTCAP) - tl.where(b > neg_inf, coupling_b * b, 0.0)
             if STUDENT_GRAD:
                 tl.store(GS + row * V + offs, tl.where(live, grad_s, 0.0).to(GS.dtype.element_ty), mask=inside)
@@ -595,3 +606,157 @@ def kd_loss_forward_triton(student: Tensor, teacher: Tensor, target: Optional[Te
     else:
         _tuned_kernel[(rows,)](*args, **flags)
     return loss, grad_student, grad_teacher, status
+
+
+@triton.jit
+def _kd_loss_shard_kernel(
+    S, T, Y, NORMS, SUMS, OUT, GS, GT, STATUS,
+    s_stride, t_stride, V, inv_t, softcap, cap_scale, soft_weight, hard_weight, ignore_index,
+    mix_weight, mix_complement, log_mix_weight, log_mix_complement, ab_alpha, ab_beta, ab_inv_alpha, ab_inv_beta,
+    ab_inv_sum, ab_offset_middle, ab_spread, ab_lowest, ab_middle,
+    STAGE: tl.constexpr, HAS_TARGET: tl.constexpr, NEED_SOFT: tl.constexpr, SEPARATE_CE: tl.constexpr,
+    STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr, DIVERGENCE: tl.constexpr, TERMS: tl.constexpr,
+    SOFTCAP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One vocab-parallel stage of one row of a rank's vocabulary slice (kd_loss_shard_cpu in
+    csrc/kd_loss.h): STAGE 0 writes the slice's (max, sum exp) of a = student/T, b = teacher/T and
+    c = student to OUT [N, 6]; STAGE 1, from the whole row's (max, log_sum) pairs in NORMS,
+    writes the slice's term sums and raw target logit to OUT [N, 4]; STAGE 2, with the whole row's
+    term sums in SUMS, writes the slice's gradients."""
+    row = tl.program_id(0).to(tl.int64)
+    s_row = S + row * s_stride
+    t_row = T + row * t_stride
+    cols = tl.arange(0, BLOCK)
+    neg_inf = float("-inf")
+    zero = tl.zeros((), ACC)
+    y = -1
+    ignored = False
+    if HAS_TARGET:
+        y = tl.load(Y + row)
+        ignored = y == ignore_index
+    if STAGE == 0:
+        m_a, z_a, m_b, z_b, m_c, z_c = zero + neg_inf, zero, zero + neg_inf, zero, zero + neg_inf, zero
+        bad_s = 0
+        bad_t = 0
+        for start in range(0, V, BLOCK):
+            offs = start + cols
+            inside = offs < V
+            c = tl.load(s_row + offs, mask=inside, other=neg_inf).to(ACC)
+            a = _soft(c, zero, zero + inv_t, softcap, SOFTCAP)
+            bad_s += tl.sum(((a != a) | (a == float("inf"))).to(tl.int32))
+            m_a, offset_a, rescale_a = _merge(m_a, tl.max(a))
+            z_a = z_a * rescale_a + tl.sum(tl.exp(a - offset_a))
+            if NEED_SOFT:
+                b = _load_soft(t_row + offs, inside, zero, zero + inv_t, softcap, SOFTCAP, ACC)
+                bad_t += tl.sum(((b != b) | (b == float("inf"))).to(tl.int32))
+                m_b, offset_b, rescale_b = _merge(m_b, tl.max(b))
+                z_b = z_b * rescale_b + tl.sum(tl.exp(b - offset_b))
+            if SEPARATE_CE:
+                m_c, offset_c, rescale_c = _merge(m_c, tl.max(c))
+                z_c = z_c * rescale_c + tl.sum(tl.exp(c - offset_c))
+        if not SEPARATE_CE:
+            m_c = m_a
+            z_c = z_a
+        status = tl.where(bad_s > 0, _STUDENT_NON_FINITE, tl.where(bad_t > 0, _TEACHER_NON_FINITE, 0))
+        tl.store(STATUS + row, tl.where(ignored, 0, status).to(tl.int8))
+        out = OUT + row * 6
+        tl.store(out, m_a)
+        tl.store(out + 1, z_a)
+        tl.store(out + 2, m_b)
+        tl.store(out + 3, z_b)
+        tl.store(out + 4, m_c)
+        tl.store(out + 5, z_c)
+    else:
+        tl.store(STATUS + row, tl.zeros((), tl.int8))
+        norms = NORMS + row * 6
+        m_a, logz_a = tl.load(norms).to(ACC), tl.load(norms + 1).to(ACC)
+        m_b, logz_b = tl.load(norms + 2).to(ACC), tl.load(norms + 3).to(ACC)
+        m_c, logz_c = tl.load(norms + 4).to(ACC), tl.load(norms + 5).to(ACC)
+        owned = (y >= 0) & (y < V) & (not ignored)
+        if STAGE == 1:
+            value = zero
+            sum_d_student = zero
+            sum_d_teacher = zero
+            if NEED_SOFT:
+                if not ignored:
+                    for start in range(0, V, BLOCK):
+                        offs = start + cols
+                        inside = offs < V
+                        a = _load_soft(s_row + offs, inside, zero, zero + inv_t, softcap, SOFTCAP, ACC)
+                        b = _load_soft(t_row + offs, inside, zero, zero + inv_t, softcap, SOFTCAP, ACC)
+                        _, _, v, ds, dt = _shared_terms(
+                            a, b, m_a, logz_a, m_b, logz_b, mix_weight, mix_complement, log_mix_weight,
+                            log_mix_complement, ab_alpha, ab_beta, ab_inv_alpha, ab_inv_beta, ab_inv_sum,
+                            ab_offset_middle, ab_spread, ab_lowest, ab_middle, DIVERGENCE, TERMS)
+                        value += tl.sum(v)
+                        sum_d_student += tl.sum(ds)
+                        sum_d_teacher += tl.sum(dt)
+            target_logit = zero
+            if HAS_TARGET:
+                logit_y = tl.load(s_row + tl.where(owned, y, 0)).to(ACC)
+                target_logit = tl.where(owned & (hard_weight != 0), logit_y, 0.0)
+            out = OUT + row * 4
+            tl.store(out, value)
+            tl.store(out + 1, sum_d_student)
+            tl.store(out + 2, sum_d_teacher)
+            tl.store(out + 3, target_logit)
+        else:
+            sum_d_student = tl.load(SUMS + row * 4 + 1).to(ACC)
+            sum_d_teacher = tl.load(SUMS + row * 4 + 2).to(ACC)
+            ce_weight = tl.where(HAS_TARGET, hard_weight, 0.0)
+            local_y = tl.where(owned, y, -1)
+            for start in range(0, V, BLOCK):
+                offs = start + cols
+                inside = offs < V
+                c = tl.load(s_row + offs, mask=inside, other=neg_inf).to(ACC)
+                a = _soft(c, zero, zero + inv_t, softcap, SOFTCAP)
+                q = tl.exp((a - m_a) - logz_a)
+                if SEPARATE_CE:
+                    grad_s = ce_weight * tl.exp((c - m_c) - logz_c)
+                else:
+                    grad_s = ce_weight * q
+                grad_s = tl.where(offs == local_y, grad_s - ce_weight, grad_s)
+                grad_t = tl.zeros((BLOCK,), ACC)
+                if NEED_SOFT:
+                    b = _load_soft(t_row + offs, inside, zero, zero + inv_t, softcap, SOFTCAP, ACC)
+                    p, q, v, ds, dt = _shared_terms(
+                        a, b, m_a, logz_a, m_b, logz_b, mix_weight, mix_complement, log_mix_weight,
+                        log_mix_complement, ab_alpha, ab_beta, ab_inv_alpha, ab_inv_beta, ab_inv_sum,
+                        ab_offset_middle, ab_spread, ab_lowest, ab_middle, DIVERGENCE, TERMS)
+                    grad_s += soft_weight * inv_t * (ds - q * sum_d_student) * _softcap_slope(a, cap_scale, SOFTCAP)
+                    grad_t = soft_weight * inv_t * (dt - p * sum_d_teacher) * _softcap_slope(b, cap_scale, SOFTCAP)
+                if STUDENT_GRAD:
+                    tl.store(GS + row * V + offs, tl.where(ignored, 0.0, grad_s).to(GS.dtype.element_ty), mask=inside)
+                if TEACHER_GRAD:
+                    tl.store(GT + row * V + offs, tl.where(ignored, 0.0, grad_t).to(GT.dtype.element_ty), mask=inside)
+
+
+def kd_loss_shard_triton(stage: int, student: Tensor, teacher: Tensor, target: Optional[Tensor],
+                         norms: Optional[Tensor], sums: Optional[Tensor], temperature: float, softcap: float,
+                         soft_weight: float, hard_weight: float, divergence: int, divergence_args: list[float],
+                         ignore_index: int, student_grad: bool,
+                         teacher_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One vocab-parallel stage: the contract of kd_loss_shard_cpu (csrc/kd_loss.h)."""
+    rows, vocab = student.shape
+    acc_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    width = (6, 4, 0)[stage]
+    out = torch.empty(rows, width, dtype=acc_dtype, device=student.device)
+    status = torch.empty(rows, dtype=torch.int8, device=student.device)
+    gradient = stage == 2
+    grad_student = student.new_empty((rows if gradient and student_grad else 0, vocab))
+    grad_teacher = student.new_empty((rows if gradient and teacher_grad else 0, vocab))
+    if rows == 0:
+        return out, grad_student, grad_teacher, status
+    has_target = target is not None
+    block = row_block(vocab)
+    _kd_loss_shard_kernel[(rows,)](
+        student, teacher, target if has_target else status, norms if norms is not None else out,
+        sums if sums is not None else out, out, grad_student, grad_teacher, status, student.stride(0),
+        teacher.stride(0), vocab, 1.0 / temperature, softcap or 1.0, temperature / softcap if softcap else 0.0,
+        soft_weight, hard_weight, ignore_index, *divergence_params(divergence, divergence_args, acc_dtype)[:13],
+        STAGE=stage, HAS_TARGET=has_target, NEED_SOFT=soft_weight != 0,
+        SEPARATE_CE=has_target and hard_weight != 0 and (temperature != 1.0 or softcap != 0),
+        STUDENT_GRAD=gradient and student_grad, TEACHER_GRAD=gradient and teacher_grad, DIVERGENCE=divergence,
+        TERMS=17 if acc_dtype == torch.float64 else 8, SOFTCAP=softcap != 0,
+        ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    return out, grad_student, grad_teacher, status
