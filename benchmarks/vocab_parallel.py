@@ -134,6 +134,7 @@ def _worker(rank: int, init_file: str, args: argparse.Namespace, out_file: str) 
     if rank == 0:
         with open(out_file, "w") as out:
             json.dump(results, out)
+    dist.barrier()
     dist.destroy_process_group()
 
 

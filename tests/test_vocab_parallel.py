@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import os
 import re
 from typing import Callable
 
@@ -280,6 +281,9 @@ def _entry(rank: int, world: int, init_file: str, worker: Callable[[int, int], N
     worker(rank, world)
     dist.barrier()  # no rank tears down its connections while a peer still finishes a collective
     dist.destroy_process_group()
+    # Done and checked: skip the interpreter's teardown, where gloo's transport threads have been
+    # seen to abort a process at exit on a loaded machine (SIGABRT after the work succeeded).
+    os._exit(0)
 
 
 def _spawn(worker: Callable[[int, int], None], world: int, tmp_path) -> None:

@@ -24,15 +24,15 @@ def _pearson(sums: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return ab / denominator, torch.stack([u, v], dim=1)
 
 
-def _check_values(name: str, logits: Tensor) -> None:
-    """ValueError for NaN, +inf or a row all -inf (the kernels assume none), from one reduction:
-    a row's max is NaN or +inf, or -inf."""
-    row_max = logits.amax(-1)
+def _check_values(student: Tensor, teacher: Tensor) -> None:
+    """ValueError for NaN, +inf or a row all -inf in either input (the kernels assume none), from
+    one reduction per input and one host sync: a row's max is NaN or +inf, or -inf."""
+    row_max = torch.stack([student.amax(-1), teacher.amax(-1)])
     bad = ~(row_max < float("inf")) | (row_max == float("-inf"))
     if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        what = "is all -inf" if row_max[row] == float("-inf") else "contains NaN or +inf"
-        raise ValueError(f"dist_loss: {name} row {row} {what}")
+        side, row = bad.nonzero()[0].tolist()
+        what = "is all -inf" if row_max[side, row] == float("-inf") else "contains NaN or +inf"
+        raise ValueError(f"dist_loss: {('student_logits', 'teacher_logits')[side]} row {row} {what}")
 
 
 @torch.library.custom_op("kdkernels::dist_loss", mutates_args=())
@@ -40,13 +40,13 @@ def dist_loss_op(student: Tensor, teacher: Tensor, temperature: float, beta: flo
                  student_grad: bool, backend: str) -> tuple[Tensor, Tensor]:
     """The DIST loss of [N, C] logits (a 0-d tensor in the accumulation dtype) and its student
     gradient (empty [0, C] when not asked for)."""
-    for name, logits in (("student_logits", student), ("teacher_logits", teacher)):
-        _check_values(name, logits)
+    _check_values(student, teacher)
     stats, grad = backends.kernels(backend, "dist_loss", "dist_loss_stats", "dist_loss_grad")
     row_stats, column_stats = stats(student, teacher, temperature)
     rows, classes = student.shape
-    row_r, row_coef = _pearson(row_stats, eps)
-    column_r, column_coef = _pearson(column_stats[:, 2:], eps)
+    # Rows and columns in one pass of the small ops: [N + C, 3] sums.
+    r, coef = _pearson(torch.cat([row_stats, column_stats[:, 2:]]), eps)
+    (row_r, column_r), (row_coef, column_coef) = r.split([rows, classes]), coef.split([rows, classes])
     scale = temperature**2
     loss = scale * (beta * (1 - row_r.mean()) + gamma * (1 - column_r.mean()))
     if not student_grad:
