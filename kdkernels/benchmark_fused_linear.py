@@ -132,9 +132,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS,
+                        help="what to measure (each is compared with its unfused path, which is measured too)")
     parser.add_argument("--json", dest="json_path", default=None)
     parser.add_argument("--measure", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    implementations = [impl for impl in IMPLEMENTATIONS
+                       if impl in args.implementations or impl in map(_baseline, args.implementations)]
     if args.measure:
         print(json.dumps(measure(args.measure, args.rows, args.hidden, args.vocab[0], args.dtype[0], args.device,
                                  args.repeats)))
@@ -142,7 +146,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     results = []
     for vocab in args.vocab:
         for dtype in args.dtype:
-            for impl in IMPLEMENTATIONS:
+            for impl in implementations:
                 if args.device == "cpu":
                     result = _measure_in_subprocess(impl, args.rows, args.hidden, vocab, dtype, args.repeats)
                 else:

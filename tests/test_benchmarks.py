@@ -34,3 +34,10 @@ def test_vocab_parallel_benchmark_runs(tmp_path):
                    check=True, capture_output=True, timeout=300)
     results = json.loads(out.read_text())["results"]
     assert results["kdkernels"]["collectives"] == 2 and all(row["median_ms"] > 0 for row in results.values())
+
+
+def test_fused_linear_benchmark_measures_the_chosen_implementations_and_their_baselines(tmp_path):
+    out = tmp_path / "fused.json"
+    assert benchmark_fused_linear.main(["--rows", "8", "--hidden", "8", "--vocab", "100", "--dtype", "float32",
+                                        "--repeats", "1", "--implementations", "fused", "--json", str(out)]) == 0
+    assert [r["impl"] for r in json.loads(out.read_text())["results"]] == ["unfused", "fused"]

@@ -167,6 +167,11 @@ def _fused_linear_worker(rank: int, world: int) -> None:
         for index in range(6 if teacher_grad else 3):
             expected_grad = full[index].grad if index in (0, 3) else full[index].grad[start:start + size]
             _close(mine[index].grad, expected_grad, torch.float32, f"grad {index}, {what}")
+    poisoned = h_s.clone()
+    poisoned[6, 0] = float("nan")  # row 2 of the second chunk, on every rank's slice
+    with pytest.raises(ValueError, match=r"student_logits row 2 contains NaN.*counted from row 4 "):
+        kdk.vocab_parallel_fused_linear_kd_loss(poisoned, w_s[start:start + size], h_t, w_t[start:start + size],
+                                                target, vocab_start=start, chunk_size=chunk)
 
 
 def _expect_error(error: type, pattern: str, call: Callable[[], object]) -> None:

@@ -202,10 +202,14 @@ def vocab_parallel_fused_linear_kd_loss(
     for start in range(0, rows, chunk_rows):
         chunk = slice(start, min(start + chunk_rows, rows))
         h_s, h_t = student_hidden[chunk], teacher_hidden[chunk]
-        rows_loss, grad_s, grad_t = shard_rows(
-            project(h_s, student_weight, student_bias), project(h_t, teacher_weight, teacher_bias),
-            None if target is None else target[chunk], weight, vocab_start, temperature, softcap, soft_weight,
-            hard_weight, divergence, divergence_args, ignore_index, student_grad, teacher_grad, group, backend)
+        try:
+            rows_loss, grad_s, grad_t = shard_rows(
+                project(h_s, student_weight, student_bias), project(h_t, teacher_weight, teacher_bias),
+                None if target is None else target[chunk], weight, vocab_start, temperature, softcap, soft_weight,
+                hard_weight, divergence, divergence_args, ignore_index, student_grad, teacher_grad, group, backend)
+        except ValueError as error:  # the same on every rank: name the chunk its row numbers count from
+            raise ValueError(f"{error}; rows counted from row {start} of the hidden states (the chunk of "
+                             f"{chunk.stop - start} rows that failed)") from None
         loss += rows_loss.sum()
         for wanted, grad_logits, hidden, head, grads in ((student_grad, grad_s, h_s, student_weight, student_grads),
                                                          (teacher_grad, grad_t, h_t, teacher_weight, teacher_grads)):
