@@ -113,9 +113,9 @@ def _worker(rank: int, init_file: str, args: argparse.Namespace, out_file: str) 
         "eager all-reduce, KL only": lambda: eager_all_reduce_kl(student, teacher, 2.0).backward(),
     }
     # Collectives per step, and the values per row each rank contributes or receives (fp32: 4 bytes each):
-    # kdkernels 8 gathered + 4 reduced; gather 2 slices sent + 1 gradient slice received; eager 4 + 1 reduced.
-    payload_per_row = {"kdkernels": (2, 8 + 4), "gather to rank 0": (3, 3 * local),
-                    "kdkernels, KL only": (2, 8 + 4), "eager all-reduce, KL only": (6, 5)}
+    # kdkernels 9 gathered + 4 reduced; gather 2 slices sent + 1 gradient slice received; eager 4 + 1 reduced.
+    payload_per_row = {"kdkernels": (2, 9 + 4), "gather to rank 0": (3, 3 * local),
+                    "kdkernels, KL only": (2, 9 + 4), "eager all-reduce, KL only": (6, 5)}
     results = {}
     for name, step in steps.items():
         times = []

@@ -351,16 +351,16 @@ def _check_chunk_options(reduction: str, chunk_size: Optional[int]) -> None:
         raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
 
 
-def _head_rows(student: tuple, teacher: tuple, target: Optional[Tensor],
-               chunk_size: Optional[int]) -> tuple[Tensor, Tensor, Optional[Tensor], bool, bool, int]:
+def _head_rows(student: tuple, teacher: tuple, target: Optional[Tensor], chunk_size: Optional[int],
+               vocab: Optional[int] = None) -> tuple[Tensor, Tensor, Optional[Tensor], bool, bool, int]:
     """The fused-linear ops' inputs from the (hidden, weight, bias) of both heads: the hidden
     states as [N, H] rows, the target as [N] int64, whether each side wants gradients, and the
-    rows per chunk."""
+    rows per chunk (chunk_size, or the default for `vocab` logit columns, default the student's)."""
     h_s, h_t = (side[0].reshape(-1, side[0].shape[-1]) for side in (student, teacher))
     rows_target = None if target is None else target.reshape(-1).long()
     student_grad, teacher_grad = (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in side)
                                   for side in (student, teacher))
-    chunk_rows = chunk_size or default_chunk_rows(h_s.shape[0], student[1].shape[0], h_s.shape[1])
+    chunk_rows = chunk_size or default_chunk_rows(h_s.shape[0], vocab or student[1].shape[0], h_s.shape[1])
     return h_s, h_t, rows_target, student_grad, teacher_grad, chunk_rows
 
 
@@ -495,28 +495,42 @@ def _vocab_parallel_heads_checks(heads: dict[str, Optional[Tensor]], target: Opt
     return _vocab_parallel_options(keywords, target is not None, student_hidden.device, backend)
 
 
+def _target_fingerprint(target: object) -> tuple[int, int]:
+    """Two sums that differ when two ranks hold different targets (ids, or their order): -1, -1
+    without a (valid) target."""
+    if not isinstance(target, Tensor) or target.is_floating_point() or target.is_complex():
+        return -1, -1
+    ids = target.reshape(-1).long()
+    return int(ids.sum()), int((ids * torch.arange(1, ids.numel() + 1, device=ids.device)).sum())
+
+
 def _agreed_across_ranks(check: Callable[[], tuple], group: Optional[dist.ProcessGroup], device: torch.device,
-                         vocab_start: object, vocab: int, rows: int, dtype: torch.dtype, has_target: bool) -> tuple:
+                         vocab_start: object, vocab: int, rows: int, dtype: torch.dtype,
+                         target: object) -> tuple[tuple, int]:
     """check()'s result once every rank of `group` has passed its own checks and the ranks agree
-    (one all_gather of a few integers): the same row count, dtype and target presence, and vocabulary
-    slices that tile [0, V) without gap or overlap. Otherwise every rank raises, so that none waits
-    in a collective the others never reach: its own error, or a ValueError naming the ranks at fault."""
+    (one all_gather of a few integers): the same row count, dtype and target (presence and ids),
+    and vocabulary slices that tile [0, V) without gap or overlap; with it, the largest slice size.
+    Otherwise every rank raises, so that none waits in a collective the others never reach: its
+    own error, or a ValueError naming the ranks at fault."""
     try:
         result, error = check(), None
     except (TypeError, ValueError, NotImplementedError) as exc:
         result, error = None, exc
     start = vocab_start if isinstance(vocab_start, int) and not isinstance(vocab_start, bool) else -1
     dtype_code = _FLOAT_DTYPES.index(dtype) if dtype in _FLOAT_DTYPES else -1
-    mine = torch.tensor([error is not None, start, vocab, rows, dtype_code, has_target], device=device)
+    mine = torch.tensor([error is not None, start, vocab, rows, dtype_code, target is not None,
+                         *_target_fingerprint(target)], device=device)
     table = gather_blocks(mine, group).tolist()
     if error is not None:
         raise error
     failed = [rank for rank, row in enumerate(table) if row[0]]
     if failed:
         raise ValueError(f"vocab-parallel KD: the inputs of rank(s) {failed} failed their checks (see the error there)")
-    for column, what in ((3, "row counts"), (4, "dtypes"), (5, "target presence (some ranks pass target, others not)")):
-        if len({row[column] for row in table}) > 1:
-            raise ValueError(f"vocab-parallel KD: the ranks' {what} differ: {[row[column] for row in table]}")
+    for columns, what in (((3,), "row counts"), ((4,), "dtypes"),
+                          ((5,), "target presence (some ranks pass target, others not)"),
+                          ((6, 7), "targets (every rank must pass the same global ids)")):
+        if len({tuple(row[c] for c in columns) for row in table}) > 1:
+            raise ValueError(f"vocab-parallel KD: the ranks' {what} differ")
     slices = sorted((row[1], row[1] + row[2], rank) for rank, row in enumerate(table))
     end = 0
     for first, last, rank in slices:
@@ -526,7 +540,7 @@ def _agreed_across_ranks(check: Callable[[], tuple], group: Optional[dist.Proces
                              f"({'a gap' if first > end else 'an overlap'}); slices by rank: "
                              f"{[(row[1], row[1] + row[2]) for row in table]}")
         end = last
-    return result
+    return result, max(row[2] for row in table)
 
 
 def vocab_parallel_kd_loss(
@@ -566,12 +580,12 @@ def vocab_parallel_kd_loss(
 
     How: three fused reads of the local slices and two collectives on ``group`` (default: the
     world) per call. The first read gives each row's slice statistics, (max, sum of exp) of
-    student/T, teacher/T and the raw student, which one all_gather of 8 values per row
+    student/T, teacher/T and the raw student, which one all_gather of 9 values per row
     exchanges; every rank combines them into the rows' log-normalisers. The second read sums
     the divergence's terms (and picks the raw target logit on the rank that holds it), and one
     ``all_reduce`` of 4 values per row adds them up. The third read writes the gradients. A rank
-    sends 48 bytes per row (fp32; 96 for fp64 logits) whatever V is, against ``V_local`` values
-    per row to gather the logits. ``validate=True`` adds one small ``all_gather`` of 6 integers per
+    sends 52 bytes per row (fp32; 104 for fp64 logits) whatever V is, against ``V_local`` values
+    per row to gather the logits. ``validate=True`` adds one small ``all_gather`` of 8 integers per
     rank that checks the slices tile ``[0, V)`` and that the ranks agree on rows, dtype and target;
     a failed check raises on every rank rather than leaving the others waiting. Without it, the
     caller vouches for the layout (a target in no slice or in two is still caught); under
@@ -590,9 +604,9 @@ def vocab_parallel_kd_loss(
     if validate:
         shape = getattr(student_logits, "shape", (0,))
         device = student_logits.device if isinstance(student_logits, Tensor) else torch.device("cpu")
-        options, kernel_backend = _agreed_across_ranks(
+        (options, kernel_backend), _ = _agreed_across_ranks(
             checked, group, device, vocab_start, shape[-1] if shape else 0, math.prod(shape[:-1]),
-            getattr(student_logits, "dtype", None), target is not None)
+            getattr(student_logits, "dtype", None), target)
     else:
         options, kernel_backend = checked()
     lead_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
@@ -649,9 +663,11 @@ def vocab_parallel_fused_linear_kd_loss(
     bias gradients are this rank's rows; the hidden-state gradients are those of the whole loss,
     summed over the ranks by one more ``all_reduce`` at the end (so pass the hidden states
     themselves, not the output of a copy-to-tensor-parallel region whose backward would add them
-    up again). Collectives per call: ``2 * ceil(N / chunk_size) + 1`` (the last only when a hidden
-    state needs a gradient), plus one with ``validate``. Keywords as in
-    :func:`fused_linear_kd_loss` and :func:`vocab_parallel_kd_loss`.
+    up again). Collectives per call: ``2 * ceil(N / chunk_size) + 1`` (the last only when a side's
+    gradients are wanted), plus one with ``validate``. Every rank must use the same chunks: the
+    default ``chunk_size`` follows the largest slice, which ``validate`` exchanges, so
+    ``validate=False`` needs an explicit ``chunk_size``. Keywords as in :func:`fused_linear_kd_loss`
+    and :func:`vocab_parallel_kd_loss`.
     """
     keywords = _kd_keywords(locals())
     if not dist.is_available() or not dist.is_initialized():
@@ -664,13 +680,17 @@ def vocab_parallel_fused_linear_kd_loss(
         vocab = student_weight.shape[0] if isinstance(student_weight, Tensor) and student_weight.dim() else 0
         rows = math.prod(student_hidden.shape[:-1]) if isinstance(student_hidden, Tensor) else 0
         device = student_hidden.device if isinstance(student_hidden, Tensor) else torch.device("cpu")
-        options, kernel_backend = _agreed_across_ranks(checked, group, device, vocab_start, vocab, rows,
-                                                       getattr(student_hidden, "dtype", None), target is not None)
+        (options, kernel_backend), largest_slice = _agreed_across_ranks(
+            checked, group, device, vocab_start, vocab, rows, getattr(student_hidden, "dtype", None), target)
     else:
         options, kernel_backend = checked()
+        if chunk_size is None:
+            raise ValueError("validate=False needs an explicit chunk_size, the same on every rank (the default "
+                             "depends on the largest vocabulary slice, which validate exchanges)")
+        largest_slice = student_weight.shape[0]
     h_s, h_t, rows_target, student_grad, teacher_grad, chunk_rows = _head_rows(
         (student_hidden, student_weight, student_bias), (teacher_hidden, teacher_weight, teacher_bias), target,
-        chunk_size)
+        chunk_size, largest_slice)
     loss, *_ = vocab_parallel_fused_linear_kd_loss_op(
         h_s, student_weight, student_bias, h_t, teacher_weight, teacher_bias, rows_target,
         options.row_weight(rows_target, h_s), vocab_start, options.kernel_temperature, options.softcap,
@@ -687,8 +707,9 @@ def global_num_items(targets: Union[Tensor, Sequence[Tensor]], *, ignore_index: 
     the world) by one ``all_reduce``. Pass it as ``num_items`` to every micro-batch's
     ``reduction="batchmean"`` loss. DDP and FSDP average the gradients over the ranks, so with
     ``average_gradients=True`` the count is divided by the group size: the averaged gradient is then
-    that of the loss summed over the whole global batch and divided by its count. Returns a 0-d
-    fp64 tensor on the targets' device (ignored, and equal on every rank)."""
+    that of the loss summed over the whole global batch and divided by its count. Returns the same
+    0-d fp64 tensor on every rank, on the targets' device (which must suit the group's backend:
+    CUDA tensors for NCCL)."""
     targets = [targets] if isinstance(targets, Tensor) else list(targets)
     if not targets or not all(isinstance(t, Tensor) and not t.is_floating_point() for t in targets):
         raise TypeError("targets must be an integer tensor or a non-empty sequence of them (one per micro-batch)")

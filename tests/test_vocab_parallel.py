@@ -130,6 +130,13 @@ def _logits_worker(rank: int, world: int) -> None:
                                       vocab_start=start)
     loss.backward()
     assert float(loss) == 0 and not student.grad.any()
+    # Without gradients the third read is skipped; the loss is the same.
+    full_student, full_teacher, target = _full_inputs(torch.float32, padded=False)
+    shard_s, shard_t = full_student[:, start:start + size], full_teacher[:, start:start + size]
+    with torch.no_grad():
+        without_grad = kdk.vocab_parallel_kd_loss(shard_s, shard_t, target, vocab_start=start)
+    with_grad = kdk.vocab_parallel_kd_loss(shard_s.clone().requires_grad_(), shard_t, target, vocab_start=start)
+    torch.testing.assert_close(without_grad, with_grad.detach())
     # Without validate: one collective fewer.
     with CollectiveCounter() as counter:
         kdk.vocab_parallel_kd_loss(torch.randn(ROWS, size), torch.randn(ROWS, size), vocab_start=start,
@@ -167,6 +174,19 @@ def _fused_linear_worker(rank: int, world: int) -> None:
         for index in range(6 if teacher_grad else 3):
             expected_grad = full[index].grad if index in (0, 3) else full[index].grad[start:start + size]
             _close(mine[index].grad, expected_grad, torch.float32, f"grad {index}, {what}")
+    # The default chunk size: 1024 rows, H = 8, V = 33; at 2 ranks the slices (17, 16) alone would
+    # give 256 and 512 rows per chunk, so the default follows the largest slice.
+    rows, vocab = 1024, 33
+    first, width = _slices(vocab, world)[rank]
+    h, w = torch.randn(rows, 8, generator=generator), torch.randn(vocab, 8, generator=generator)
+    y = torch.randint(0, vocab, (rows,), generator=generator)
+    expected = kdk.fused_linear_kd_loss(h, w, h, w.flip(0), y, backend="cpu")
+    actual = kdk.vocab_parallel_fused_linear_kd_loss(h, w[first:first + width], h, w.flip(0)[first:first + width], y,
+                                                     vocab_start=first)
+    _close(actual, expected, torch.float32, "default chunk size")
+    with pytest.raises(ValueError, match="validate=False needs an explicit chunk_size"):
+        kdk.vocab_parallel_fused_linear_kd_loss(h, w[first:first + width], h, w[first:first + width], y,
+                                                vocab_start=first, validate=False)
     poisoned = h_s.clone()
     poisoned[6, 0] = float("nan")  # row 2 of the second chunk, on every rank's slice
     with pytest.raises(ValueError, match=r"student_logits row 2 contains NaN.*counted from row 4 "):
@@ -219,6 +239,13 @@ def _errors_worker(rank: int, world: int) -> None:
     if start <= owner < start + size:
         masked[0, owner - start] = float("-inf")
     _expect_error(ValueError, r"target\[0\] = .* points at a -inf", lambda: loss(s=masked))
+    # Targets that differ across ranks: caught by validate, and ignored rows that differ without it.
+    shifted = torch.where(target >= 0, (target + rank) % VOCAB, target)
+    _expect_error(ValueError, "targets", lambda: loss(y=shifted))
+    unignored = target.clone()
+    if rank == 0:
+        unignored[1] = 5
+    _expect_error(ValueError, "ignore different rows", lambda: loss(y=unignored, validate=False))
     _expect_error(NotImplementedError, "akl", lambda: loss(divergence="akl"))
     _expect_error(NotImplementedError, "standardize", lambda: loss(standardize=True))
     # The group is still in step: a good call after all of that.

@@ -6,16 +6,16 @@ A block of rows takes three reads of the local slice by the kd_loss kernel's sha
 (csrc/kd_loss.h, kd_loss_shard_<backend>) and two collectives between them:
 
 1. stats read: per row, the slice's (max, sum of exp) of student/T, teacher/T and the raw
-   student, packed with the row's status code and whether the slice holds its target
-   (PACKED_WIDTH values; one more packed row carries the slice's size);
-2. one all_gather (gather_blocks) of that [N + 1, 8] block: every rank combines the same
+   student, packed with the row's status code, whether the slice holds its target and whether
+   the row is ignored (PACKED_WIDTH values; one more packed row carries the slice's size);
+2. one all_gather (gather_blocks) of that [N + 1, 9] block: every rank combines the same
    whole-row log-normalisers and checks the same rows, so that an error is raised on every rank;
 3. sums read: the slice's divergence term sums and raw target logit, [N, 4], and one
    ``all_reduce`` (SUM) of them;
 4. gradient read: the slice's logit gradients; the row losses follow from the reduced sums.
 
-Per row, a rank sends 8 values to the all_gather and 4 to the all_reduce, in the accumulation
-dtype (fp32; fp64 for fp64 logits): 48 bytes, whatever the vocabulary size.
+Per row, a rank sends 9 values to the all_gather and 4 to the all_reduce, in the accumulation
+dtype (fp32; fp64 for fp64 logits): 52 bytes, whatever the vocabulary size.
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ Tensor = torch.Tensor
 # The kernel's stages and the widths of their per-row outputs (csrc/kd_loss.h).
 STATS, SUMS, GRADIENT = 0, 1, 2
 STATS_WIDTH, SUMS_WIDTH = 6, 4
-PACKED_WIDTH = STATS_WIDTH + 2  # + the status code and the target-owner flag
+# + the status code, the target-owner flag and the ignored-row flag
+STATUS, OWNER, IGNORED_ROW = STATS_WIDTH, STATS_WIDTH + 1, STATS_WIDTH + 2
+PACKED_WIDTH = STATS_WIDTH + 3
 # The kernel's mark of an ignored row in the slice-local target.
 IGNORED = -1
 # Divergences whose terms need more than the row's log-normalisers inside a read.
@@ -83,14 +85,14 @@ def _combined_status(gathered: Tensor, ignored: Optional[Tensor], need_soft: boo
     """One RowStatus per row from the ranks' [W, N, PACKED_WIDTH] blocks: the first rank's
     non-finite input, then an all-masked row, then a target in no slice (TARGET_OUT_OF_RANGE) or
     in several (DUPLICATE_INDEX); OK at ignored rows."""
-    codes = gathered[..., STATS_WIDTH].to(torch.int8)
+    codes = gathered[..., STATUS].to(torch.int8)
     status = codes.gather(0, (codes != 0).to(torch.int8).argmax(0, keepdim=True))[0]
     sums = gathered[..., 1:STATS_WIDTH:2].sum(0)
     checks = [(sums[:, 0] <= 0, RowStatus.STUDENT_ALL_MASKED)]
     if need_soft:
         checks.append((sums[:, 1] <= 0, RowStatus.TEACHER_ALL_MASKED))
     if has_target:
-        owners = gathered[..., STATS_WIDTH + 1].sum(0)
+        owners = gathered[..., OWNER].sum(0)
         checks += [(owners == 0, RowStatus.TARGET_OUT_OF_RANGE), (owners > 1, RowStatus.DUPLICATE_INDEX)]
     for failed, code in checks:
         status = torch.where((status == RowStatus.OK) & failed, int(code), status)
@@ -124,13 +126,17 @@ def shard_rows(student: Tensor, teacher: Tensor, target: Optional[Tensor], weigh
     stats, _, _, status = shard(STATS, student, teacher, local, None, None, *options, False, False)
     packed = torch.zeros(rows + 1, PACKED_WIDTH, dtype=acc_dtype, device=student.device)
     packed[:rows, :STATS_WIDTH] = stats
-    packed[:rows, STATS_WIDTH] = status
-    if owned is not None:
-        packed[:rows, STATS_WIDTH + 1] = owned
+    packed[:rows, STATUS] = status
+    if target is not None:
+        packed[:rows, OWNER] = owned
+        packed[:rows, IGNORED_ROW] = ignored
     packed[rows, 0] = vocab
     gathered = gather_blocks(packed, group)
     total_vocab = int(gathered[:, rows, 0].sum())
     gathered = gathered[:, :rows]
+    if target is not None and bool((gathered[..., IGNORED_ROW] != gathered[0, :, IGNORED_ROW]).any()):
+        raise ValueError("vocab_parallel_kd_loss: the ranks' targets ignore different rows (every rank must pass "
+                         "the same global ids)")
     _raise_for_rows(_combined_status(gathered, ignored, need_soft, target is not None), target, total_vocab,
                     ignore_index)
     norms = _combined_normalisers(gathered[..., :STATS_WIDTH]).contiguous()
@@ -147,6 +153,8 @@ def shard_rows(student: Tensor, teacher: Tensor, target: Optional[Tensor], weigh
     if ignored is not None:
         loss = loss.masked_fill(ignored, 0)
 
+    if not (student_grad or teacher_grad):
+        return weight * loss, student.new_empty(0, vocab), student.new_empty(0, vocab)
     _, grad_student, grad_teacher, _ = shard(GRADIENT, student, teacher, local, norms, sums, *options, student_grad,
                                              teacher_grad)
     return weight * loss, grad_student, grad_teacher
