@@ -343,6 +343,20 @@ def _check_head(side: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor
         raise ValueError(f"{side}_bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
 
 
+def _check_heads(heads: dict[str, Optional[Tensor]], vocab: str) -> None:
+    """Both LM heads of a fused-linear loss (`heads`: its hidden states, weights and biases by
+    argument name): floating tensors of one dtype and device, each head's shapes, and hidden
+    states with the same leading shape. `vocab` names the weights' row count in the messages."""
+    _check_floats({name: x for name, x in heads.items() if x is not None},
+                  f"[..., H] (hidden), [{vocab}, H] (weight), [{vocab}] (bias)")
+    for side in ("student", "teacher"):
+        _check_head(side, heads[f"{side}_hidden"], heads[f"{side}_weight"], heads[f"{side}_bias"])
+    student_hidden, teacher_hidden = heads["student_hidden"], heads["teacher_hidden"]
+    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(f"teacher_hidden shape {tuple(teacher_hidden.shape)} and student_hidden shape "
+                         f"{tuple(student_hidden.shape)} differ in their leading dimensions")
+
+
 def _check_chunk_options(reduction: str, chunk_size: Optional[int]) -> None:
     if reduction == "none":
         raise ValueError("the fused-linear losses take reduction='batchmean' or 'sum' (the weight gradient sums over "
@@ -407,16 +421,9 @@ def fused_linear_kd_loss(
     sums over rows, so per-row losses are not offered); the other keywords are those of
     :func:`kd_loss`, with the same semantics.
     """
-    named = {"student_hidden": student_hidden, "student_weight": student_weight, "teacher_hidden": teacher_hidden,
-             "teacher_weight": teacher_weight}
-    named.update({name: bias for name, bias in (("student_bias", student_bias), ("teacher_bias", teacher_bias))
-                  if bias is not None})
-    _check_floats(named, "[..., H] (hidden), [V, H] (weight), [V] (bias)")
-    _check_head("student", student_hidden, student_weight, student_bias)
-    _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
-    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
-        raise ValueError(f"teacher_hidden shape {tuple(teacher_hidden.shape)} and student_hidden shape "
-                         f"{tuple(student_hidden.shape)} differ in their leading dimensions")
+    _check_heads({"student_hidden": student_hidden, "student_weight": student_weight, "student_bias": student_bias,
+                  "teacher_hidden": teacher_hidden, "teacher_weight": teacher_weight, "teacher_bias": teacher_bias},
+                 "V")
     vocab = _shared_vocab(student_weight.shape[0], teacher_weight.shape[0], shared_vocab, "rows of the weights")
     if target is not None:
         _check_target(target, student_hidden, "student_hidden")
@@ -477,14 +484,8 @@ def _vocab_parallel_heads_checks(heads: dict[str, Optional[Tensor]], target: Opt
                                  chunk_size: Optional[int], keywords: dict, backend: str) -> tuple[_SoftOptions, str]:
     """The local checks of vocab_parallel_fused_linear_kd_loss (`heads`: its hidden states,
     weights and biases by argument name): its options and backend."""
-    _check_floats({name: x for name, x in heads.items() if x is not None},
-                  "[..., H] (hidden), [V_local, H] (weight), [V_local] (bias)")
-    _check_head("student", heads["student_hidden"], heads["student_weight"], heads["student_bias"])
-    _check_head("teacher", heads["teacher_hidden"], heads["teacher_weight"], heads["teacher_bias"])
-    student_hidden, teacher_hidden = heads["student_hidden"], heads["teacher_hidden"]
-    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
-        raise ValueError(f"teacher_hidden shape {tuple(teacher_hidden.shape)} and student_hidden shape "
-                         f"{tuple(student_hidden.shape)} differ in their leading dimensions")
+    _check_heads(heads, "V_local")
+    student_hidden = heads["student_hidden"]
     if heads["teacher_weight"].shape[0] != heads["student_weight"].shape[0]:
         raise ValueError(f"student_weight and teacher_weight must hold the same vocabulary slice, got "
                          f"{heads['student_weight'].shape[0]} and {heads['teacher_weight'].shape[0]} rows")

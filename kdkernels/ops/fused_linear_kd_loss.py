@@ -8,7 +8,7 @@ formed right away (two matmuls); autograd saves them and backward only scales th
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -67,6 +67,33 @@ def gradients_like(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], wante
             weight.new_empty(weight.shape[0] if bias is not None else 0)]
 
 
+def chunked_heads(student: tuple, teacher: tuple, chunk_rows: int, student_grad: bool, teacher_grad: bool,
+                  chunk_loss: Callable[[slice, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+                  ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """The chunk loop of the fused-linear ops over the (hidden [N, H], weight, bias) of both heads:
+    for each chunk of rows, chunk_loss(chunk, student logits, teacher logits) gives the row losses
+    and logit gradients (the logits are freed when it returns), and the gradients of the hidden
+    states, weights and biases wanted are formed at once. Returns the summed loss (fp32; fp64 for
+    fp64 inputs) and both sides' gradient_buffers."""
+    (student_hidden, student_weight, student_bias), (teacher_hidden, teacher_weight, teacher_bias) = student, teacher
+    rows = student_hidden.shape[0]
+    loss = torch.zeros((), dtype=backends.accumulation_dtype(student_hidden.dtype), device=student_hidden.device)
+    student_grads = gradient_buffers(student_hidden, student_weight, student_bias, student_grad)
+    teacher_grads = gradient_buffers(teacher_hidden, teacher_weight, teacher_bias, teacher_grad)
+    for start in range(0, rows, chunk_rows):
+        chunk = slice(start, min(start + chunk_rows, rows))
+        h_s, h_t = student_hidden[chunk], teacher_hidden[chunk]
+        rows_loss, grad_s, grad_t = chunk_loss(chunk, project(h_s, student_weight, student_bias),
+                                               project(h_t, teacher_weight, teacher_bias))
+        loss += rows_loss.sum()
+        for wanted, grad_logits, hidden, weight, grads in (
+                (student_grad, grad_s, h_s, student_weight, student_grads),
+                (teacher_grad, grad_t, h_t, teacher_weight, teacher_grads)):
+            if wanted:
+                accumulate_gradients(grads, grad_logits, hidden, weight, chunk)
+    return loss, student_grads, teacher_grads
+
+
 @torch.library.custom_op("kdkernels::fused_linear_kd_loss", mutates_args=())
 def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
                          teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor],
@@ -79,31 +106,21 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, student
     b_t), with its gradients for the student side (student_grad) and the teacher side
     (teacher_grad): (loss, d student_hidden, d W_s, d b_s, d teacher_hidden, d W_t, d b_t), each
     gradient empty when not asked for. Hidden states are [N, H]; logits [chunk, V] in their dtype."""
-    rows = student_hidden.shape[0]
     vocab = student_weight.shape[0]
     forward = kernel(backend)
-    acc_dtype = backends.accumulation_dtype(student_hidden.dtype)
-    loss = torch.zeros((), dtype=acc_dtype, device=student_hidden.device)
-    status = torch.zeros(rows, dtype=torch.int8, device=student_hidden.device)
+    status = torch.zeros(student_hidden.shape[0], dtype=torch.int8, device=student_hidden.device)
 
-    student_grads = gradient_buffers(student_hidden, student_weight, student_bias, student_grad)
-    teacher_grads = gradient_buffers(teacher_hidden, teacher_weight, teacher_bias, teacher_grad)
-    for start in range(0, rows, chunk_rows):
-        chunk = slice(start, min(start + chunk_rows, rows))
-        h_s, h_t = student_hidden[chunk], teacher_hidden[chunk]
-        logits_s = project(h_s, student_weight, student_bias)
-        logits_t = project(h_t, teacher_weight, teacher_bias)
+    def chunk_loss(chunk: slice, logits_s: Tensor, logits_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         rows_loss, grad_s, grad_t, rows_status = forward(
-            logits_s, logits_t, None if target is None else target[chunk], row_weight, temperature, softcap, standardize,
-            soft_weight, hard_weight, DIVERGENCES[divergence].kernel_id, divergence_args, ignore_index, student_grad, teacher_grad)
-        del logits_s, logits_t
-        loss += rows_loss.sum()
+            logits_s, logits_t, None if target is None else target[chunk], row_weight, temperature, softcap,
+            standardize, soft_weight, hard_weight, DIVERGENCES[divergence].kernel_id, divergence_args, ignore_index,
+            student_grad, teacher_grad)
         status[chunk] = rows_status
-        for wanted, grad_logits, hidden, weight, grads in (
-                (student_grad, grad_s, h_s, student_weight, student_grads),
-                (teacher_grad, grad_t, h_t, teacher_weight, teacher_grads)):
-            if wanted:
-                accumulate_gradients(grads, grad_logits, hidden, weight, chunk)
+        return rows_loss, grad_s, grad_t
+
+    loss, student_grads, teacher_grads = chunked_heads(
+        (student_hidden, student_weight, student_bias), (teacher_hidden, teacher_weight, teacher_bias), chunk_rows,
+        student_grad, teacher_grad, chunk_loss)
     raise_for_status(status, target, vocab, ignore_index)
     return (loss, *rounded_gradients(student_grads, student_weight), *rounded_gradients(teacher_grads, teacher_weight))
 

@@ -104,14 +104,19 @@ def kd_loss_rows(student: Tensor, teacher: Tensor, target: Optional[Tensor], row
     return loss, grad_student, grad_teacher
 
 
+def rows_like(student: Tensor, student_grad: bool, teacher_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The fake (meta) outputs of a per-row KD op on [N, V] logits: row losses in the accumulation
+    dtype and the gradients of both logits (empty [0, V] when not asked for)."""
+    rows, vocab = student.shape
+    return (student.new_empty(rows, dtype=backends.accumulation_dtype(student.dtype)),
+            student.new_empty(rows if student_grad else 0, vocab),
+            student.new_empty(rows if teacher_grad else 0, vocab))
+
+
 @kd_loss_rows.register_fake
 def _(student, teacher, target, row_weight, temperature, softcap, standardize, soft_weight, hard_weight, divergence,
       divergence_args, ignore_index, student_grad, teacher_grad, backend):
-    rows, vocab = student.shape
-    acc_dtype = backends.accumulation_dtype(student.dtype)
-    return (student.new_empty(rows, dtype=acc_dtype),
-            student.new_empty(rows if student_grad else 0, vocab),
-            student.new_empty(rows if teacher_grad else 0, vocab))
+    return rows_like(student, student_grad, teacher_grad)
 
 
 saved_gradients.register_leading_gradients_autograd(kd_loss_rows, num_inputs=15, per_row=True)

@@ -26,9 +26,8 @@ import torch
 import torch.distributed as dist
 
 from kdkernels.ops import backends, saved_gradients
-from kdkernels.ops.fused_linear_kd_loss import (accumulate_gradients, gradient_buffers, gradients_like, project,
-                                                rounded_gradients)
-from kdkernels.ops.kd_loss import DIVERGENCES, RowStatus, raise_for_status
+from kdkernels.ops.fused_linear_kd_loss import chunked_heads, gradients_like, rounded_gradients
+from kdkernels.ops.kd_loss import DIVERGENCES, RowStatus, raise_for_status, rows_like
 
 Tensor = torch.Tensor
 
@@ -178,10 +177,7 @@ def vocab_parallel_kd_loss_rows(student: Tensor, teacher: Tensor, target: Option
 @vocab_parallel_kd_loss_rows.register_fake
 def _(student, teacher, target, row_weight, vocab_start, temperature, softcap, soft_weight, hard_weight, divergence,
       divergence_args, ignore_index, student_grad, teacher_grad, group_name, backend):
-    rows, vocab = student.shape
-    return (student.new_empty(rows, dtype=backends.accumulation_dtype(student.dtype)),
-            student.new_empty(rows if student_grad else 0, vocab),
-            student.new_empty(rows if teacher_grad else 0, vocab))
+    return rows_like(student, student_grad, teacher_grad)
 
 
 saved_gradients.register_leading_gradients_autograd(vocab_parallel_kd_loss_rows, num_inputs=16, per_row=True)
@@ -203,26 +199,19 @@ def vocab_parallel_fused_linear_kd_loss(
     each chunk of rows takes the two collectives of shard_rows."""
     group = _group(group_name)
     weight = 1.0 if row_weight is None else float(row_weight)
-    rows = student_hidden.shape[0]
-    loss = torch.zeros((), dtype=backends.accumulation_dtype(student_hidden.dtype), device=student_hidden.device)
-    student_grads = gradient_buffers(student_hidden, student_weight, student_bias, student_grad)
-    teacher_grads = gradient_buffers(teacher_hidden, teacher_weight, teacher_bias, teacher_grad)
-    for start in range(0, rows, chunk_rows):
-        chunk = slice(start, min(start + chunk_rows, rows))
-        h_s, h_t = student_hidden[chunk], teacher_hidden[chunk]
+
+    def chunk_loss(chunk: slice, logits_s: Tensor, logits_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         try:
-            rows_loss, grad_s, grad_t = shard_rows(
-                project(h_s, student_weight, student_bias), project(h_t, teacher_weight, teacher_bias),
-                None if target is None else target[chunk], weight, vocab_start, temperature, softcap, soft_weight,
-                hard_weight, divergence, divergence_args, ignore_index, student_grad, teacher_grad, group, backend)
+            return shard_rows(logits_s, logits_t, None if target is None else target[chunk], weight, vocab_start,
+                              temperature, softcap, soft_weight, hard_weight, divergence, divergence_args,
+                              ignore_index, student_grad, teacher_grad, group, backend)
         except ValueError as error:  # the same on every rank: name the chunk its row numbers count from
-            raise ValueError(f"{error}; rows counted from row {start} of the hidden states (the chunk of "
-                             f"{chunk.stop - start} rows that failed)") from None
-        loss += rows_loss.sum()
-        for wanted, grad_logits, hidden, head, grads in ((student_grad, grad_s, h_s, student_weight, student_grads),
-                                                         (teacher_grad, grad_t, h_t, teacher_weight, teacher_grads)):
-            if wanted:
-                accumulate_gradients(grads, grad_logits, hidden, head, chunk)
+            raise ValueError(f"{error}; rows counted from row {chunk.start} of the hidden states (the chunk of "
+                             f"{chunk.stop - chunk.start} rows that failed)") from None
+
+    loss, student_grads, teacher_grads = chunked_heads(
+        (student_hidden, student_weight, student_bias), (teacher_hidden, teacher_weight, teacher_bias), chunk_rows,
+        student_grad, teacher_grad, chunk_loss)
     hidden_grads = [grads[0] for grads in (student_grads, teacher_grads) if grads[0].numel()]
     if hidden_grads:
         flat = torch.cat([grad.flatten().to(loss.dtype) for grad in hidden_grads])

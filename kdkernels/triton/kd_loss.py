@@ -381,6 +381,49 @@ def row_block(vocab: int) -> int:
 
 
 @triton.jit
+def _write_gradients(s_row, t_row, gs_row, gt_row, V, y, live, center_a, scale_a, coupling_a, center_b, scale_b,
+                     coupling_b, m_a, logz_a, m_b, logz_b, m_c, logz_c, sum_d_student, sum_d_teacher, soft_weight,
+                     hard_weight, softcap, cap_scale, mix_weight, mix_complement, log_mix_weight, log_mix_complement,
+                     ab_alpha, ab_beta, ab_inv_alpha, ab_inv_beta, ab_inv_sum, ab_offset_middle, ab_spread, ab_lowest,
+                     ab_middle, HAS_TARGET: tl.constexpr, NEED_SOFT: tl.constexpr, SEPARATE_CE: tl.constexpr,
+                     STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr, DIVERGENCE: tl.constexpr,
+                     TERMS: tl.constexpr, SOFTCAP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """The last read of a row: the gradients of its loss, soft_weight * D through the softmax
+    Jacobian of the soft views (x - center) * scale (less coupling * a, standardize's term
+    through the mean and std) plus hard_weight * CE at target y (-1: none here), written to the
+    gradient rows (zeros where the row is not live)."""
+    neg_inf = float("-inf")
+    cols = tl.arange(0, BLOCK)
+    ce_weight = tl.where(HAS_TARGET, hard_weight, 0.0)
+    for start in range(0, V, BLOCK):
+        offs = start + cols
+        inside = offs < V
+        c = tl.load(s_row + offs, mask=inside, other=neg_inf).to(ACC)
+        a = _soft(c, center_a, scale_a, softcap, SOFTCAP)
+        q = tl.exp((a - m_a) - logz_a)
+        if SEPARATE_CE:
+            grad_s = ce_weight * tl.exp((c - m_c) - logz_c)
+        else:
+            grad_s = ce_weight * q
+        grad_s = tl.where(offs == y, grad_s - ce_weight, grad_s)
+        grad_t = tl.zeros((BLOCK,), ACC)
+        if NEED_SOFT:
+            b = _load_soft(t_row + offs, inside, center_b, scale_b, softcap, SOFTCAP, ACC)
+            p, q, v, ds, dt = _shared_terms(
+                a, b, m_a, logz_a, m_b, logz_b, mix_weight, mix_complement, log_mix_weight, log_mix_complement,
+                ab_alpha, ab_beta, ab_inv_alpha, ab_inv_beta, ab_inv_sum, ab_offset_middle, ab_spread, ab_lowest,
+                ab_middle, DIVERGENCE, TERMS)
+            grad_s += soft_weight * scale_a * (ds - q * sum_d_student) * _softcap_slope(
+                a, cap_scale, SOFTCAP) - tl.where(a > neg_inf, coupling_a * a, 0.0)
+            grad_t = soft_weight * scale_b * (dt - p * sum_d_teacher) * _softcap_slope(
+                b, cap_scale, SOFTCAP) - tl.where(b > neg_inf, coupling_b * b, 0.0)
+        if STUDENT_GRAD:
+            tl.store(gs_row + offs, tl.where(live, grad_s, 0.0).to(gs_row.dtype.element_ty), mask=inside)
+        if TEACHER_GRAD:
+            tl.store(gt_row + offs, tl.where(live, grad_t, 0.0).to(gt_row.dtype.element_ty), mask=inside)
+
+
+@triton.jit
 def _kd_loss_kernel(
     S, T, Y, W, LOSS, GS, GT, STATUS,
     s_stride, t_stride, V, v_bucket, inv_t, softcap, cap_scale, soft_weight, hard_weight, ignore_index,
@@ -533,33 +576,12 @@ def _kd_loss_kernel(
                               (inv_t * tl.maximum(count_a - 1, 1.0) * tl.where(std_a > 0, std_a, 1.0)), 0.0)
         coupling_b = tl.where((count_b > 1) & (std_b > 0), soft_weight * (moment_b - sum_d_teacher * mean_b) /
                               (inv_t * tl.maximum(count_b - 1, 1.0) * tl.where(std_b > 0, std_b, 1.0)), 0.0)
-        ce_weight = tl.where(HAS_TARGET, hard_weight, 0.0)
-        for start in range(0, V, BLOCK):
-            offs = start + cols
-            inside = offs < V
-            c = tl.load(s_row + offs, mask=inside, other=neg_inf).to(ACC)
-            a = _soft(c, center_a, scale_a, softcap, SOFTCAP)
-            q = tl.exp((a - m_a) - logz_a)
-            if SEPARATE_CE:
-                grad_s = ce_weight * tl.exp((c - m_c) - logz_c)
-            else:
-                grad_s = ce_weight * q
-            grad_s = tl.where(offs == y, grad_s - ce_weight, grad_s)
-            grad_t = tl.zeros((BLOCK,), ACC)
-            if NEED_SOFT:
-                b = _load_soft(t_row + offs, inside, center_b, scale_b, softcap, SOFTCAP, ACC)
-                p, q, v, ds, dt = _shared_terms(
-                    a, b, m_a, logz_a, m_b, logz_b, mix_weight, mix_complement, log_mix_weight, log_mix_complement,
-                    ab_alpha, ab_beta, ab_inv_alpha, ab_inv_beta, ab_inv_sum, ab_offset_middle, ab_spread, ab_lowest,
-                    ab_middle, DIVERGENCE, TERMS)
-                grad_s += soft_weight * scale_a * (ds - q * sum_d_student) * _softcap_slope(
-                    a, cap_scale, SOFTCAP) - tl.where(a > neg_inf, coupling_a * a, 0.0)
-                grad_t = soft_weight * scale_b * (dt - p * sum_d_teacher) * _softcap_slope(
-                    b, cap_scale, SOFTCAP) - tl.where(b > neg_inf, coupling_b * b, 0.0)
-            if STUDENT_GRAD:
-                tl.store(GS + row * V + offs, tl.where(live, grad_s, 0.0).to(GS.dtype.element_ty), mask=inside)
-            if TEACHER_GRAD:
-                tl.store(GT + row * V + offs, tl.where(live, grad_t, 0.0).to(GT.dtype.element_ty), mask=inside)
+        _write_gradients(s_row, t_row, GS + row * V, GT + row * V, V, y, live, center_a, scale_a, coupling_a,
+                         center_b, scale_b, coupling_b, m_a, logz_a, m_b, logz_b, m_c, logz_c, sum_d_student,
+                         sum_d_teacher, soft_weight, hard_weight, softcap, cap_scale, mix_weight, mix_complement,
+                         log_mix_weight, log_mix_complement, ab_alpha, ab_beta, ab_inv_alpha, ab_inv_beta, ab_inv_sum,
+                         ab_offset_middle, ab_spread, ab_lowest, ab_middle, HAS_TARGET, NEED_SOFT, SEPARATE_CE,
+                         STUDENT_GRAD, TEACHER_GRAD, DIVERGENCE, TERMS, SOFTCAP, ACC, BLOCK)
 
 
 # Tuned once per power-of-two bucket of V (v_bucket) and kernel variant.
@@ -703,32 +725,12 @@ def _kd_loss_shard_kernel(
         else:
             sum_d_student = tl.load(SUMS + row * 4 + 1).to(ACC)
             sum_d_teacher = tl.load(SUMS + row * 4 + 2).to(ACC)
-            ce_weight = tl.where(HAS_TARGET, hard_weight, 0.0)
-            local_y = tl.where(owned, y, -1)
-            for start in range(0, V, BLOCK):
-                offs = start + cols
-                inside = offs < V
-                c = tl.load(s_row + offs, mask=inside, other=neg_inf).to(ACC)
-                a = _soft(c, zero, zero + inv_t, softcap, SOFTCAP)
-                q = tl.exp((a - m_a) - logz_a)
-                if SEPARATE_CE:
-                    grad_s = ce_weight * tl.exp((c - m_c) - logz_c)
-                else:
-                    grad_s = ce_weight * q
-                grad_s = tl.where(offs == local_y, grad_s - ce_weight, grad_s)
-                grad_t = tl.zeros((BLOCK,), ACC)
-                if NEED_SOFT:
-                    b = _load_soft(t_row + offs, inside, zero, zero + inv_t, softcap, SOFTCAP, ACC)
-                    p, q, v, ds, dt = _shared_terms(
-                        a, b, m_a, logz_a, m_b, logz_b, mix_weight, mix_complement, log_mix_weight,
-                        log_mix_complement, ab_alpha, ab_beta, ab_inv_alpha, ab_inv_beta, ab_inv_sum,
-                        ab_offset_middle, ab_spread, ab_lowest, ab_middle, DIVERGENCE, TERMS)
-                    grad_s += soft_weight * inv_t * (ds - q * sum_d_student) * _softcap_slope(a, cap_scale, SOFTCAP)
-                    grad_t = soft_weight * inv_t * (dt - p * sum_d_teacher) * _softcap_slope(b, cap_scale, SOFTCAP)
-                if STUDENT_GRAD:
-                    tl.store(GS + row * V + offs, tl.where(ignored, 0.0, grad_s).to(GS.dtype.element_ty), mask=inside)
-                if TEACHER_GRAD:
-                    tl.store(GT + row * V + offs, tl.where(ignored, 0.0, grad_t).to(GT.dtype.element_ty), mask=inside)
+            _write_gradients(s_row, t_row, GS + row * V, GT + row * V, V, tl.where(owned, y, -1), not ignored, zero,
+                             zero + inv_t, zero, zero, zero + inv_t, zero, m_a, logz_a, m_b, logz_b, m_c, logz_c,
+                             sum_d_student, sum_d_teacher, soft_weight, hard_weight, softcap, cap_scale, mix_weight,
+                             mix_complement, log_mix_weight, log_mix_complement, ab_alpha, ab_beta, ab_inv_alpha,
+                             ab_inv_beta, ab_inv_sum, ab_offset_middle, ab_spread, ab_lowest, ab_middle, HAS_TARGET,
+                             NEED_SOFT, SEPARATE_CE, STUDENT_GRAD, TEACHER_GRAD, DIVERGENCE, TERMS, SOFTCAP, ACC, BLOCK)
 
 
 def kd_loss_shard_triton(stage: int, student: Tensor, teacher: Tensor, target: Optional[Tensor],
