@@ -26,12 +26,14 @@ def _mlp(d=12, hidden=(16,), classes=4, seed=0, **options):
     return MLP(d, list(hidden), classes, **options)
 
 
-def _fit(scheme, x, y, epochs, *, checkpoint_dir=None, resume=False, batch_size=16, amp=None, planned_epochs=None):
+def _fit(scheme, x, y, epochs, *, checkpoint_dir=None, resume=False, batch_size=16, amp=None, planned_epochs=None,
+         accumulation_steps=1):
     """Train for ``epochs`` epochs of a schedule planned for ``planned_epochs`` (an interrupted run)."""
     optimizer = torch.optim.AdamW(scheme.trainable_parameters(), lr=1e-2)
     batches = Batches(x, y, batch_size, shuffle=True, seed=3)
     scheduler = cosine_with_warmup(optimizer, (planned_epochs or epochs) * len(batches), warmup_steps=2)
-    trainer = Trainer(scheme, optimizer, scheduler, checkpoint_dir=checkpoint_dir, amp=amp)
+    trainer = Trainer(scheme, optimizer, scheduler, checkpoint_dir=checkpoint_dir, amp=amp,
+                      accumulation_steps=accumulation_steps)
     return trainer.fit(batches, Batches(x, y, 40), epochs=epochs, resume=resume)
 
 
@@ -277,22 +279,47 @@ def test_a_non_finite_loss_stops_training():
         Batches(x[:3], y[:3], 4, drop_last=True)
 
 
-def _ddp_scheme():
+def _accumulation_case(ignored):
+    """A scheme and data (100 samples) whose terms are exact under accumulation and DDP: with
+    ignored targets, terms that average over the counted targets; without, also a feature term."""
     torch.manual_seed(5)
-    adapter = kdk.HintAdapter(16, 32)
-    return Offline(_mlp(), _mlp(hidden=(32,), seed=1),
-                   [LogitDistillation(temperature=2.0),
-                    FeatureDistillation(kdk.HintLoss(adapter, weight=0.5), "layers.0", "layers.0")])
+    x, y = _data(n=100)
+    if ignored:
+        y[torch.randperm(100, generator=torch.Generator().manual_seed(2))[:30]] = -100
+        terms = [LogitDistillation(temperature=2.0), CrossEntropy(weight=0.5)]
+    else:
+        terms = [LogitDistillation(temperature=2.0),
+                 FeatureDistillation(kdk.HintLoss(kdk.HintAdapter(16, 32), weight=0.5), "layers.0", "layers.0")]
+    return Offline(_mlp(), _mlp(hidden=(32,), seed=1), terms), x, y
 
 
-def _ddp_worker(rank, world, init_file, out_dir):
+def _assert_same_training(a, history_a, b, history_b):
+    for name, value in a.state_dict().items():
+        torch.testing.assert_close(value, b.state_dict()[name], rtol=1e-4, atol=1e-5)
+    for record_a, record_b in zip(history_a, history_b):
+        for key in ("train/loss", "val/loss/student", "val/accuracy/student"):
+            assert record_a[key] == pytest.approx(record_b[key], rel=1e-4)
+
+
+@pytest.mark.parametrize("ignored", [False, True])
+def test_gradient_accumulation_trains_as_whole_batches(ignored):
+    """Micro-batches of uneven sizes (16 rows in 3: 6, 5, 5; the last batch of 4 in 3: 2, 1, 1),
+    with or without ignored targets, give the whole batches' steps."""
+    whole, x, y = _accumulation_case(ignored)
+    history = _fit(whole, x, y, 2)
+    accumulated, _, _ = _accumulation_case(ignored)
+    _assert_same_training(accumulated, _fit(accumulated, x, y, 2, accumulation_steps=3), whole, history)
+    with pytest.raises(ValueError, match="accumulation_steps must be >= 1"):
+        Trainer(whole, torch.optim.SGD(whole.trainable_parameters(), lr=0.1), accumulation_steps=0)
+
+
+def _ddp_worker(rank, world, init_file, out_dir, ignored, accumulation_steps):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        x, y = _data(n=100)  # the last global batch, 4 samples, gives each process 2
+        scheme, x, y = _accumulation_case(ignored)  # the last global batch, 4 samples, gives each process 2
         with pytest.raises(ValueError, match="multiple of the world size 2"):
             next(Batches(x, y, 15).epoch(0))
-        scheme = _ddp_scheme()
-        history = _fit(scheme, x, y, 3, checkpoint_dir=out_dir)
+        history = _fit(scheme, x, y, 3, checkpoint_dir=out_dir, accumulation_steps=accumulation_steps)
         if rank == 0:
             torch.save({"state": scheme.state_dict(), "history": history}, os.path.join(out_dir, "ddp.pt"))
         torch.distributed.barrier()  # neither process leaves the group while the other still uses it
@@ -303,18 +330,20 @@ def _ddp_worker(rank, world, init_file, out_dir):
     os._exit(0)
 
 
-def test_ddp_on_gloo_matches_single_process_training(tmp_path):
-    """Two processes, each with half of every batch, train as one process does (for terms that
-    are means over samples; a relation term's matrix would span one process's share only)."""
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+@pytest.mark.parametrize("ignored, accumulation_steps", [(False, 1), (True, 2)])
+def test_ddp_on_gloo_matches_single_process_training(tmp_path, ignored, accumulation_steps):
+    """Two processes, each with half of every batch, train as one process does: for terms that
+    are means over samples; with ignored targets spread unevenly over the processes and
+    micro-batches, for terms that are means over the counted targets (the trainer normalises by
+    kdkernels.global_num_items). A relation term's matrix would span one process's share only."""
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), ignored,
+                                                   accumulation_steps), nprocs=2)
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
-    x, y = _data(n=100)
-    single = _ddp_scheme()
+    single, x, y = _accumulation_case(ignored)
     history = _fit(single, x, y, 3)
-    for name, value in single.state_dict().items():
-        torch.testing.assert_close(ddp["state"][name], value, rtol=1e-4, atol=1e-5)
-    for a, b in zip(ddp["history"], history):
-        assert a["val/accuracy/student"] == pytest.approx(b["val/accuracy/student"])
+    distributed, _, _ = _accumulation_case(ignored)
+    distributed.load_state_dict(ddp["state"])
+    _assert_same_training(distributed, ddp["history"], single, history)
 
 
 def test_recipe_models_and_data():

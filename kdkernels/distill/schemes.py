@@ -14,10 +14,10 @@ import copy
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 import kdkernels
-from kdkernels.distill.terms import CrossEntropy, FeatureDistillation, FeatureTaps, LogitDistillation, Outputs, Term
+from kdkernels.distill.terms import (CrossEntropy, FeatureDistillation, FeatureTaps, LogitDistillation, Outputs, Term,
+                                     cross_entropy)
 
 Tensor = torch.Tensor
 Metrics = dict[str, Tensor]
@@ -286,7 +286,7 @@ class DeepToShallow(Scheme):
         if self.feature_layers and len(self.feature_layers) != len(exits):
             raise ValueError(f"feature_layers names {len(self.feature_layers)} submodules for {len(exits)} exits")
         deepest = exits[-1].detach()
-        metrics = {f"exit{len(exits) - 1}": F.cross_entropy(exits[-1], target)}
+        metrics = {f"exit{len(exits) - 1}": cross_entropy(exits[-1], target)}
         for i, logits in enumerate(exits[:-1]):
             metrics[f"exit{i}"] = self.kd(logits, deepest, target)
         if self.feature_layers:

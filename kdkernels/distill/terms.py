@@ -85,9 +85,16 @@ class Term(torch.nn.Module):
         raise NotImplementedError
 
 
+def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """The mean cross-entropy over the targets that are not -100 (as the KD losses count rows):
+    0, not torch's NaN, when every target is ignored."""
+    total = F.cross_entropy(logits, target, label_smoothing=label_smoothing, reduction="sum")
+    return total / (target != -100).sum().clamp_min(1)
+
+
 class CrossEntropy(Term):
     """``weight * cross_entropy(student logits, target)``: the hard-label loss on its own (the
-    student trained alone, or next to feature terms)."""
+    student trained alone, or next to feature terms); targets of -100 are ignored."""
 
     needs_teacher = False
 
@@ -97,7 +104,7 @@ class CrossEntropy(Term):
         self.label_smoothing = float(label_smoothing)
 
     def forward(self, student: Outputs, teacher: Optional[Outputs], target: Tensor) -> Tensor:
-        return self.weight * F.cross_entropy(student.logits, target, label_smoothing=self.label_smoothing)
+        return self.weight * cross_entropy(student.logits, target, self.label_smoothing)
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, label_smoothing={self.label_smoothing}"

@@ -1,11 +1,12 @@
 """A plain PyTorch training loop for a distillation :class:`~kdkernels.distill.schemes.Scheme`:
 mini-batches of in-memory tensors, AMP, per-step scheduling, a checkpoint per epoch written
-atomically, an exact resume, and ``DistributedDataParallel`` when ``torch.distributed`` is
-initialised (each process takes its share of every global batch, so that N processes train as
-one would on the same batches)."""
+atomically, an exact resume, gradient accumulation, and ``DistributedDataParallel`` when
+``torch.distributed`` is initialised (each process takes its share of every global batch, so that
+N processes train as one would on the same batches)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import kdkernels
 from kdkernels.distill.schemes import Scheme
 
 Tensor = torch.Tensor
@@ -134,16 +136,30 @@ class Trainer:
       batches of the epoch it resumes at, which on a GPU may round differently.
     - ``on_epoch``: called with each epoch's record.
     - ``find_unused_parameters``: passed to ``DistributedDataParallel`` (for terms that skip
-      some of their parameters on some steps)."""
+      some of their parameters on some steps).
+    - ``accumulation_steps``: split each process's share of a batch into this many micro-batches,
+      a forward and backward each (DDP synchronises the gradients on the last one only), and step
+      the optimizer once per batch.
+
+    Each micro-batch's loss is weighted by its number of targets that are not ``ignore_index``
+    over :func:`kdkernels.global_num_items` of the whole step (one all_reduce under
+    torch.distributed, the count of one process's average share). The step's gradient is then
+    exactly that of the global batch, whatever the micro-batch sizes and ignored targets, for the
+    terms that average over the counted targets (the logit losses and ``CrossEntropy``); for
+    feature terms, which average over a micro-batch's samples, it is when no target is ignored,
+    and a relation term's matrix spans one micro-batch."""
 
     def __init__(self, scheme: Scheme, optimizer: torch.optim.Optimizer,
                  scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None, *,
                  device: Optional[Union[str, torch.device]] = None, amp: Optional[torch.dtype] = None,
                  grad_clip: Optional[float] = None, checkpoint_dir: Optional[Union[str, Path]] = None,
                  progress: bool = False, on_epoch: Optional[Callable[[Record], None]] = None,
-                 find_unused_parameters: bool = False) -> None:
+                 find_unused_parameters: bool = False, accumulation_steps: int = 1,
+                 ignore_index: int = -100) -> None:
         if amp not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"amp must be None, torch.bfloat16 or torch.float16, got {amp}")
+        if accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
         self.scheme = scheme
         self.device = torch.device(device) if device is not None else next(scheme.parameters()).device
         scheme.to(self.device)
@@ -152,6 +168,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if amp is torch.float16 else None
         self.checkpoint = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir is not None else None
         self.progress, self.on_epoch = progress, on_epoch
+        self.accumulation_steps, self.ignore_index = accumulation_steps, ignore_index
         self.model: torch.nn.Module = scheme
         if _distributed():
             if self.device.type == "cuda":
@@ -166,13 +183,12 @@ class Trainer:
     def _to_device(self, batch: Batch) -> Batch:
         return tuple(x.to(self.device, non_blocking=True) for x in batch)
 
-    def _step(self, loss: Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+    def _backward(self, loss: Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _update(self) -> None:
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.scheme.trainable_parameters(), self.grad_clip)
         if self.scaler is not None:
@@ -187,6 +203,29 @@ class Trainer:
             self.scheduler.step()
         self.scheme.after_step()
 
+    def _train_step(self, batch: Batch) -> dict[str, Tensor]:
+        """One optimizer step on this process's share of a batch, in micro-batches; returns the
+        loss and its parts, each weighted as it enters the gradient."""
+        micro = [part for part in zip(*(x.tensor_split(self.accumulation_steps) for x in self._to_device(batch)))
+                 if len(part[1])]
+        num_items = kdkernels.global_num_items([target for _, target, _ in micro], ignore_index=self.ignore_index)
+        self.optimizer.zero_grad(set_to_none=True)
+        weighted: dict[str, Tensor] = {}
+        for i, (inputs, target, index) in enumerate(micro):
+            counted = (target != self.ignore_index).sum()
+            weight = torch.where(num_items > 0, counted / num_items, 0.0).float()
+            last = i == len(micro) - 1
+            synchronised = (self.model.no_sync() if isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+                            and not last else contextlib.nullcontext())
+            with synchronised:
+                with self._autocast():
+                    loss, parts = self.model(inputs, target, index)
+                self._backward(loss * weight)
+            for name, value in {"loss": loss.detach(), **parts}.items():
+                weighted[name] = weighted.get(name, 0.0) + value.float() * weight
+        self._update()
+        return weighted
+
     def _train_epoch(self, batches: Batches, epoch: int, epochs: int) -> Record:
         self.scheme.train()
         sums: dict[str, Tensor] = {}
@@ -196,13 +235,9 @@ class Trainer:
             from tqdm.auto import tqdm
             steps = tqdm(steps, total=len(batches), desc=f"epoch {epoch + 1}/{epochs}", leave=False)
         for batch in steps:
-            inputs, target, index = self._to_device(batch)
-            with self._autocast():
-                loss, parts = self.model(inputs, target, index)
-            self._step(loss)
             count += 1
-            for name, value in {"loss": loss.detach(), **parts}.items():
-                sums[name] = sums.get(name, 0.0) + value.float()
+            for name, value in self._train_step(batch).items():
+                sums[name] = sums.get(name, 0.0) + value
         self.scheme.after_epoch()
         names = sorted(sums)
         means = torch.stack([sums[name] for name in names]) / count
@@ -217,7 +252,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, batches: Batches) -> Record:
-        """Mean cross-entropy and accuracy of each of the scheme's models on ``batches``."""
+        """Mean cross-entropy and accuracy of each of the scheme's models on ``batches`` (over the
+        targets that are not ``ignore_index``)."""
         record: Record = {}
         for name, model in self.scheme.models().items():
             model.eval()
@@ -226,14 +262,15 @@ class Trainer:
                 inputs, target, _ = self._to_device(batch)
                 with self._autocast():
                     logits = model(inputs).float()
-                totals += torch.stack([F.cross_entropy(logits, target, reduction="sum").double(),
-                                       (logits.argmax(-1) == target).sum().double(),
-                                       torch.tensor(float(len(target)), dtype=torch.float64, device=self.device)])
+                counted = target != self.ignore_index
+                totals += torch.stack([
+                    F.cross_entropy(logits, target, ignore_index=self.ignore_index, reduction="sum").double(),
+                    (logits.argmax(-1) == target)[counted].sum().double(), counted.sum().double()])
             if _distributed():
                 dist.all_reduce(totals)
             loss, correct, count = totals.tolist()
-            record[f"val/loss/{name}"] = loss / count
-            record[f"val/accuracy/{name}"] = correct / count
+            record[f"val/loss/{name}"] = loss / count if count else math.nan
+            record[f"val/accuracy/{name}"] = correct / count if count else math.nan
         return record
 
     def _save(self, epoch: int, history: list[Record]) -> None:
