@@ -20,7 +20,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__CUDACC__)
@@ -49,11 +52,36 @@ enum class Divergence : int {
 enum AlphaBetaNode : int { kNodeQ = 0, kNodeM = 1, kNodeP = 2 };
 
 template <typename acc_t>
+struct BitsOf {
+  using type = std::conditional_t<sizeof(acc_t) == 8, uint64_t, uint32_t>;
+};
+
+// A one-hot choice among three values, fixed per call: all bits set in the chosen slot.
+template <typename acc_t>
+struct Choice {
+  typename BitsOf<acc_t>::type mask[3];
+};
+
+// The chosen value, bit for bit: a branch-free pick that vectorises, where a select on a
+// loop-invariant condition does not (the values not chosen may be inf or NaN).
+template <typename acc_t>
+KD_HD acc_t pick(const Choice<acc_t>& choice, acc_t x0, acc_t x1, acc_t x2) {
+  typename BitsOf<acc_t>::type b0, b1, b2;
+  std::memcpy(&b0, &x0, sizeof(x0));
+  std::memcpy(&b1, &x1, sizeof(x1));
+  std::memcpy(&b2, &x2, sizeof(x2));
+  const typename BitsOf<acc_t>::type bits = (b0 & choice.mask[0]) | (b1 & choice.mask[1]) | (b2 & choice.mask[2]);
+  acc_t x;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+}
+
+template <typename acc_t>
 struct AlphaBetaParams {
   acc_t alpha, beta;
   acc_t inv_alpha, inv_beta, inv_sum;  // 1 / alpha, 1 / beta, 1 / (alpha + beta); inf for 0
   acc_t offset_middle, spread;         // c of the middle and of the highest node minus the lowest c
-  int lowest, middle;                  // AlphaBetaNode with the lowest and the middle c
+  Choice<acc_t> lowest, middle;        // the AlphaBetaNode with the lowest and the middle c
 };
 
 // The constants of a divergence, prepared on the host (make_divergence_params).
@@ -127,17 +155,25 @@ struct ReverseKL {  // KL(q || p)
   }
 };
 
-// log(w * p + (1 - w) * q) from the log-probabilities: the larger of the two weighted terms
-// (compared through the logs of the weights) factored out, so that the log's argument lies in
+template <typename acc_t>
+struct Mixture {
+  acc_t log_m, p_over_m, q_over_m;
+};
+
+// log m and the ratios p / m, q / m of m = w * p + (1 - w) * q, from the log-probabilities:
+// the larger of the two weighted terms (compared through the logs of the weights) factored out,
+// m = p * (w + (1 - w) * q / p) or q * (w * p / q + 1 - w), so that the log's argument lies in
 // [w, 2w] or [1 - w, 2(1 - w)] and neither underflows; exact where p or q underflows, at w = 0
-// or 1, and (up to the rounding of w + (1 - w)) where p == q.
+// or 1, and (up to the rounding of w + (1 - w)) where p == q. One exp, one log, one division.
 template <typename Math, typename acc_t>
-KD_HD acc_t log_mixture(acc_t lp, acc_t lq, const DivergenceParams<acc_t>& prm) {
+KD_HD Mixture<acc_t> mixture(acc_t lp, acc_t lq, const DivergenceParams<acc_t>& prm) {
   const bool teacher_term_larger = lp + prm.log_weight >= lq + prm.log_complement;
   const acc_t d = lq - lp;
   const acc_t ratio = Math::exp(teacher_term_larger ? d : -d);
-  return (teacher_term_larger ? lp : lq) + Math::log(teacher_term_larger ? prm.weight + prm.complement * ratio
-                                                                        : prm.weight * ratio + prm.complement);
+  const acc_t factor = teacher_term_larger ? prm.weight + prm.complement * ratio : prm.weight * ratio + prm.complement;
+  const acc_t inverse = acc_t(1) / factor;
+  return {(teacher_term_larger ? lp : lq) + Math::log(factor), teacher_term_larger ? inverse : ratio * inverse,
+          teacher_term_larger ? ratio * inverse : inverse};
 }
 
 // Series of the divided differences of exp (AlphaBeta), for arguments below 1/2 in magnitude,
@@ -174,7 +210,7 @@ struct JSD {
   static constexpr bool kSumsFromStats = false;
   template <typename Math, typename acc_t>
   static KD_HD Terms<acc_t> terms(acc_t lp, acc_t lq, acc_t p, acc_t q, const DivergenceParams<acc_t>& prm) {
-    const acc_t log_m = log_mixture<Math>(lp, lq, prm);
+    const acc_t log_m = mixture<Math>(lp, lq, prm).log_m;
     const acc_t d_teacher = prm.weight * p * (lp - log_m);
     const acc_t d_student = prm.complement * q * (lq - log_m);
     return {d_teacher + d_student, d_student, d_teacher};
@@ -188,10 +224,9 @@ struct SkewKL {
   static constexpr bool kSumsFromStats = false;
   template <typename Math, typename acc_t>
   static KD_HD Terms<acc_t> terms(acc_t lp, acc_t lq, acc_t p, acc_t q, const DivergenceParams<acc_t>& prm) {
-    const acc_t log_m = log_mixture<Math>(lp, lq, prm);
-    const acc_t value = p * (lp - log_m);
-    return {value, -prm.complement * p * Math::exp(lq - log_m),
-            value + p - prm.weight * p * Math::exp(lp - log_m)};
+    const Mixture<acc_t> m = mixture<Math>(lp, lq, prm);
+    const acc_t value = p * (lp - m.log_m);
+    return {value, -prm.complement * p * m.q_over_m, value + p - prm.weight * p * m.p_over_m};
   }
 };
 
@@ -247,10 +282,9 @@ struct AlphaBeta {
     const acc_t g_qm = g_pair(u, ab.alpha, ab.inv_alpha, e_q, e_m);
     const acc_t g_mp = g_pair(u, ab.beta, ab.inv_beta, e_m, e_p);
     const acc_t g_qp = g_pair(u, g, ab.inv_sum, e_q, e_p);
-    const acc_t apart = ab.middle == kNodeM ? (g_mp - g_qm) * ab.inv_sum
-                        : ab.middle == kNodeQ ? (g_qp - g_qm) * ab.inv_beta
-                                              : (g_mp - g_qp) * ab.inv_alpha;
-    const acc_t e_lowest = ab.lowest == kNodeQ ? e_q : (ab.lowest == kNodeM ? e_m : e_p);
+    const acc_t apart = pick(ab.middle, (g_qp - g_qm) * ab.inv_beta, (g_mp - g_qm) * ab.inv_sum,
+                             (g_mp - g_qp) * ab.inv_alpha);
+    const acc_t e_lowest = pick(ab.lowest, e_q, e_m, e_p);
     const acc_t near = u * u * e_lowest * exp_second_ratio_series(ab.offset_middle * u, ab.spread * u);
     const acc_t spread_u = ab.spread * u;
     const acc_t value = spread_u < acc_t(0.5) && spread_u > acc_t(-0.5) ? near : apart;
@@ -309,9 +343,14 @@ AlphaBetaParams<acc_t> make_alpha_beta_params(double alpha, double beta) {
   int order[3] = {kNodeQ, kNodeM, kNodeP};
   std::sort(order, order + 3, [&](int x, int y) { return c[x] < c[y]; });
   const auto inverse = [](double x) { return static_cast<acc_t>(1.0 / x); };  // inf for 0
+  const auto choice = [](int node) {
+    Choice<acc_t> chosen{};
+    chosen.mask[node] = ~typename BitsOf<acc_t>::type{0};
+    return chosen;
+  };
   return {static_cast<acc_t>(alpha), static_cast<acc_t>(beta), inverse(alpha), inverse(beta), inverse(alpha + beta),
-          static_cast<acc_t>(c[order[1]] - c[order[0]]), static_cast<acc_t>(c[order[2]] - c[order[0]]), order[0],
-          order[1]};
+          static_cast<acc_t>(c[order[1]] - c[order[0]]), static_cast<acc_t>(c[order[2]] - c[order[0]]),
+          choice(order[0]), choice(order[1])};
 }
 
 // The constants of a divergence from its keyword arguments, in the order of kdkernels/ops/

@@ -5,7 +5,8 @@
 //   read 2: only for divergences without kSumsFromStats: row sums of the divergence terms;
 //           for adaptive KL, the head search (set_adaptive_weights: a read of both rows and
 //           one or two of the teacher) that weights its two KL terms.
-//   read 3: the gradients (skipped when no gradient is wanted).
+//   read 3: the gradients (skipped when no gradient is wanted); for divergences whose terms
+//           cost more than p and q, from the terms that read 2 kept (kCachesTerms).
 // The inner loops are plain element loops that the compiler vectorises (omp simd); the
 // kernel is cloned per x86 ISA level and picked at load time.
 #pragma once
@@ -25,6 +26,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 namespace kdkernels {
 namespace cpu {
@@ -315,13 +317,23 @@ struct RowSums : Terms<acc_t> {
   RowSums(const Terms<acc_t>& t) : Terms<acc_t>(t) {}  // NOLINT(runtime/explicit)
 };
 
-// Read 2: the row sums of the divergence terms (and the standardize moments).
+// The divergences whose terms cost logs or powers beyond p and q (JSD, skew KL, AB): read 2
+// keeps each entry's d_student and d_teacher in a row cache of 2 V floats per thread, which
+// read 3 reads back rather than computing the terms again. TVD's terms are cheaper to recompute
+// than to store and load; forward and reverse KL have no read 2.
+template <typename Div>
+constexpr bool kCachesTerms = !Div::kSumsFromStats && Div::kId != Divergence::kTVD;
+
+// Read 2: the row sums of the divergence terms (and the standardize moments); with a `cache`,
+// also each entry's d_student (cache[0, V)) and d_teacher (cache[V, 2V)), 0 where not shared.
 template <typename Div, bool kStandardize, typename scalar_t, typename acc_t>
 KD_INLINE RowSums<acc_t> term_sums(const RowArgs<scalar_t, acc_t>& args, const scalar_t* student,
                                    const scalar_t* teacher, const SoftView<acc_t>& view_a,
-                                   const SoftView<acc_t>& view_b, const LogNormaliser<acc_t>& norm_a,
-                                   const LogNormaliser<acc_t>& norm_b, const DivergenceParams<acc_t>& params, acc_t* a,
-                                   acc_t* b) {
+                                   const SoftView<acc_t>& view_b, const LogNormaliser<acc_t> norm_a,
+                                   const LogNormaliser<acc_t> norm_b, const DivergenceParams<acc_t> params, acc_t* a,
+                                   acc_t* b, acc_t* cache) {
+  // norm_a, norm_b and params by value: in registers, the loop can read them under a mask
+  // (a reference could alias a[] or b[], and the loop would not vectorise).
   using Math = MathFor<acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   RowSums<acc_t> sums;
@@ -336,16 +348,23 @@ KD_INLINE RowSums<acc_t> term_sums(const RowArgs<scalar_t, acc_t>& args, const s
       const acc_t lq = shared ? norm_a.log_prob(a[i]) : acc_t(0);
       const acc_t lp = shared ? norm_b.log_prob(b[i]) : acc_t(0);
       const Terms<acc_t> t = Div::template terms<Math>(lp, lq, Math::exp(lp), Math::exp(lq), params);
+      const acc_t entry_d_student = shared ? t.d_student : acc_t(0), entry_d_teacher = shared ? t.d_teacher : acc_t(0);
       value += shared ? t.value : acc_t(0);
-      d_student += shared ? t.d_student : acc_t(0);
-      d_teacher += shared ? t.d_teacher : acc_t(0);
+      d_student += entry_d_student;
+      d_teacher += entry_d_teacher;
       if constexpr (kStandardize) {
         const acc_t a_finite = a[i] > kNegInf ? a[i] : acc_t(0), b_finite = b[i] > kNegInf ? b[i] : acc_t(0);
-        s_moment += shared ? t.d_student * a_finite : acc_t(0);
+        s_moment += entry_d_student * a_finite;
         s_mean += Math::exp(norm_a.log_prob(a[i])) * a_finite;
-        t_moment += shared ? t.d_teacher * b_finite : acc_t(0);
+        t_moment += entry_d_teacher * b_finite;
         t_mean += Math::exp(norm_b.log_prob(b[i])) * b_finite;
       }
+      a[i] = entry_d_student;
+      b[i] = entry_d_teacher;
+    }
+    if (cache) {
+      std::copy_n(a, n, cache + j0);
+      std::copy_n(b, n, cache + args.vocab + j0);
     }
     sums.value += value;
     sums.d_student += d_student;
@@ -379,11 +398,13 @@ struct GradientScales {
 };
 
 // Writes the gradients of one row's loss: the soft term (kSoft) through the softmax Jacobian
-// of the divergence terms, plus the CE term softmax(student) - onehot(y) (from student/T when
-// T = 1, else from the raw student logits in c: kSeparateCE). a and b return the gradients.
-template <typename Div, bool kSoft, bool kSeparateCE, typename scalar_t, typename acc_t>
-KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, const DivergenceParams<acc_t>& params, int64_t row,
-                            int64_t y, const GradientScales<acc_t>& g, acc_t* a, acc_t* b, acc_t* c) {
+// of the divergence terms (computed, or with kCached read from term_sums' cache), plus the CE
+// term softmax(student) - onehot(y) (from student/T when T = 1, else from the raw student
+// logits in c: kSeparateCE). a and b return the gradients.
+template <typename Div, bool kSoft, bool kSeparateCE, bool kCached, typename scalar_t, typename acc_t>
+KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, const DivergenceParams<acc_t> params, int64_t row,
+                            int64_t y, const GradientScales<acc_t> g, acc_t* a, acc_t* b, acc_t* c,
+                            const acc_t* cache) {  // params and g by value, as in term_sums
   using Math = MathFor<acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const int64_t vocab = args.vocab;
@@ -401,14 +422,22 @@ KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, const Divergen
       acc_t grad_t = 0;
       if constexpr (kSoft) {
         const acc_t p = Math::exp(g.norm_b.log_prob(b[i]));
-        const bool shared = (a[i] > kNegInf) & (b[i] > kNegInf);
-        const acc_t lq = shared ? g.norm_a.log_prob(a[i]) : acc_t(0);
-        const acc_t lp = shared ? g.norm_b.log_prob(b[i]) : acc_t(0);
-        const Terms<acc_t> t = Div::template terms<Math>(lp, lq, p, q, params);
-        grad_s += g.soft_weight * g.view_a.scale * ((shared ? t.d_student : acc_t(0)) - q * g.sum_d_student) *
+        acc_t d_student, d_teacher;
+        if constexpr (kCached) {
+          d_student = cache[j0 + i];
+          d_teacher = cache[vocab + j0 + i];
+        } else {
+          const bool shared = (a[i] > kNegInf) & (b[i] > kNegInf);
+          const acc_t lq = shared ? g.norm_a.log_prob(a[i]) : acc_t(0);
+          const acc_t lp = shared ? g.norm_b.log_prob(b[i]) : acc_t(0);
+          const Terms<acc_t> t = Div::template terms<Math>(lp, lq, p, q, params);
+          d_student = shared ? t.d_student : acc_t(0);
+          d_teacher = shared ? t.d_teacher : acc_t(0);
+        }
+        grad_s += g.soft_weight * g.view_a.scale * (d_student - q * g.sum_d_student) *
                       softcap_slope(a[i], args.cap_scale) -
                   (a[i] > kNegInf ? g.view_a.coupling * a[i] : acc_t(0));
-        grad_t = g.soft_weight * g.view_b.scale * ((shared ? t.d_teacher : acc_t(0)) - p * g.sum_d_teacher) *
+        grad_t = g.soft_weight * g.view_b.scale * (d_teacher - p * g.sum_d_teacher) *
                      softcap_slope(b[i], args.cap_scale) -
                  (b[i] > kNegInf ? g.view_b.coupling * b[i] : acc_t(0));
       }
@@ -421,21 +450,33 @@ KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, const Divergen
   }
 }
 
+// The gradients of one row; `cache`: the row's terms kept by term_sums, or nullptr.
 template <typename Div, typename scalar_t, typename acc_t>
 KD_INLINE void write_gradients(const RowArgs<scalar_t, acc_t>& args, const DivergenceParams<acc_t>& params,
                                int64_t row, int64_t y, bool soft, bool separate_ce, const GradientScales<acc_t>& scales,
-                               acc_t* a, acc_t* b, acc_t* c) {
+                               acc_t* a, acc_t* b, acc_t* c, const acc_t* cache) {
+  const acc_t* no_cache = nullptr;
+  if constexpr (kCachesTerms<Div>) {
+    if (soft && cache) {
+      separate_ce ? gradient_row<Div, true, true, true>(args, params, row, y, scales, a, b, c, cache)
+                  : gradient_row<Div, true, false, true>(args, params, row, y, scales, a, b, c, cache);
+      return;
+    }
+  }
   if (soft) {
-    separate_ce ? gradient_row<Div, true, true>(args, params, row, y, scales, a, b, c)
-                : gradient_row<Div, true, false>(args, params, row, y, scales, a, b, c);
+    separate_ce ? gradient_row<Div, true, true, false>(args, params, row, y, scales, a, b, c, no_cache)
+                : gradient_row<Div, true, false, false>(args, params, row, y, scales, a, b, c, no_cache);
   } else {
-    separate_ce ? gradient_row<Div, false, true>(args, params, row, y, scales, a, b, c)
-                : gradient_row<Div, false, false>(args, params, row, y, scales, a, b, c);
+    separate_ce ? gradient_row<Div, false, true, false>(args, params, row, y, scales, a, b, c, no_cache)
+                : gradient_row<Div, false, false, false>(args, params, row, y, scales, a, b, c, no_cache);
   }
 }
 
+// One whole row; `cache`: 2 V floats for kCachesTerms divergences when gradients are wanted, else
+// nullptr.
 template <typename Div, typename scalar_t, typename acc_t>
-KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, acc_t* a, acc_t* b, acc_t* c) {
+KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, acc_t* a, acc_t* b, acc_t* c,
+                           acc_t* cache) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const int64_t vocab = args.vocab;
   const scalar_t* student = args.student + row * args.student_stride;
@@ -515,8 +556,8 @@ KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, ac
   }
   if (!summed) {
     sums = args.standardize
-               ? term_sums<Div, true>(args, student, teacher, view_a, view_b, norm_a, norm_b, params, a, b)
-               : term_sums<Div, false>(args, student, teacher, view_a, view_b, norm_a, norm_b, params, a, b);
+               ? term_sums<Div, true>(args, student, teacher, view_a, view_b, norm_a, norm_b, params, a, b, cache)
+               : term_sums<Div, false>(args, student, teacher, view_a, view_b, norm_a, norm_b, params, a, b, cache);
   }
   args.loss[row] = args.soft_weight * sums.value + args.hard_weight * ce;
   args.status[row] = kOk;
@@ -530,7 +571,7 @@ KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, ac
   write_gradients<Div>(args, params, row, y, need_soft, separate_ce,
                        {norm_a, norm_b, norm_c, view_a, view_b, args.soft_weight,
                         need_ce ? args.hard_weight : acc_t(0), sums.d_student, sums.d_teacher},
-                       a, b, c);
+                       a, b, c, summed ? nullptr : static_cast<const acc_t*>(cache));
 }
 
 // The vocab-parallel stages (ShardStage) of one row of a rank's slice of the vocabulary; the
@@ -583,7 +624,8 @@ KD_INLINE void process_shard_row(const RowArgs<scalar_t, acc_t>& args, const Sha
   if (shard.stage == kShardSums) {  // read 2
     RowSums<acc_t> sums{};
     if (need_soft && !ignored) {
-      sums = term_sums<Div, false>(args, student, teacher, view, view, norm_a, norm_b, args.params, a, b);
+      sums = term_sums<Div, false>(args, student, teacher, view, view, norm_a, norm_b, args.params, a, b,
+                                   static_cast<acc_t*>(nullptr));
     }
     const acc_t target_logit = need_ce && !ignored && local_y >= 0 ? static_cast<acc_t>(student[local_y]) : acc_t(0);
     const acc_t out[kShardSumsWidth] = {sums.value, sums.d_student, sums.d_teacher, target_logit};
@@ -592,11 +634,12 @@ KD_INLINE void process_shard_row(const RowArgs<scalar_t, acc_t>& args, const Sha
   }
 
   if (ignored) return zero_gradients(args, row);  // read 3
+  const acc_t* no_cache = nullptr;
   const acc_t* sums = shard.sums + row * kShardSumsWidth;
   write_gradients<Div>(args, args.params, row, local_y, need_soft, separate_ce,
                        {norm_a, norm_b, norm_c, view, view, args.soft_weight, need_ce ? args.hard_weight : acc_t(0),
                         sums[1], sums[2]},
-                       a, b, c);
+                       a, b, c, no_cache);
 }
 
 // Whole rows, or with `shard` one vocab-parallel stage of them.
@@ -604,8 +647,11 @@ template <typename Div, typename scalar_t, typename acc_t>
 KD_INLINE void process_row_range(const RowArgs<scalar_t, acc_t>& args, const ShardArgs<acc_t>* shard, int64_t begin,
                                  int64_t end) {
   alignas(64) acc_t a[kChunk], b[kChunk], c[kChunk];
+  const bool caching = kCachesTerms<Div> && !shard && (args.grad_student || args.grad_teacher);
+  std::vector<acc_t> cache(caching ? 2 * args.vocab : 0);
   for (int64_t row = begin; row < end; ++row) {
-    shard ? process_shard_row<Div>(args, *shard, row, a, b, c) : process_row<Div>(args, row, a, b, c);
+    shard ? process_shard_row<Div>(args, *shard, row, a, b, c)
+          : process_row<Div>(args, row, a, b, c, caching ? cache.data() : nullptr);
   }
 }
 
