@@ -5,8 +5,8 @@
 //   read 2: only for divergences without kSumsFromStats: row sums of the divergence terms;
 //           for adaptive KL, the head search (set_adaptive_weights: a read of both rows and
 //           one or two of the teacher) that weights its two KL terms.
-//   read 3: the gradients (skipped when no gradient is wanted); for divergences whose terms
-//           cost more than p and q, from the terms that read 2 kept (kCachesTerms).
+//   read 3: the gradients (skipped when no gradient is wanted); after a read 2, from the
+//           terms and probabilities that it kept (kCachesTerms).
 // The inner loops are plain element loops that the compiler vectorises (omp simd); the
 // kernel is cloned per x86 ISA level and picked at load time.
 #pragma once
@@ -317,16 +317,18 @@ struct RowSums : Terms<acc_t> {
   RowSums(const Terms<acc_t>& t) : Terms<acc_t>(t) {}  // NOLINT(runtime/explicit)
 };
 
-// The divergences whose terms cost logs or powers beyond p and q (JSD, skew KL, AB): read 2
-// keeps each entry's d_student and d_teacher in a row cache of 2 V floats per thread, which
-// read 3 reads back rather than computing the terms again. TVD's terms are cheaper to recompute
-// than to store and load; forward and reverse KL have no read 2.
+// The divergences with a read 2 (all but forward and reverse KL and adaptive KL): when gradients
+// are wanted, read 2 keeps each entry's d_student, d_teacher, q and p in a row cache, which read 3
+// reads back rather than computing exps and terms again. The cache is chunk-major: chunk k's
+// four arrays of kChunk floats start at kTermBlock * k, 4 V floats per thread in all (2 MiB at
+// V = 128k), within L2 or L3 for the vocabularies of today's models.
 template <typename Div>
-constexpr bool kCachesTerms = !Div::kSumsFromStats && Div::kId != Divergence::kTVD;
+constexpr bool kCachesTerms = !Div::kSumsFromStats;
+constexpr int64_t kTermBlock = 4 * kChunk;
 
-// Read 2: the row sums of the divergence terms (and the standardize moments); with a `cache`,
-// also each entry's d_student (cache[0, V)) and d_teacher (cache[V, 2V)), 0 where not shared.
-template <typename Div, bool kStandardize, typename scalar_t, typename acc_t>
+// Read 2: the row sums of the divergence terms (and the standardize moments); with kKeep, also
+// each entry's d_student, d_teacher (0 where not shared), q and p in `cache` (kCachesTerms).
+template <typename Div, bool kStandardize, bool kKeep, typename scalar_t, typename acc_t>
 KD_INLINE RowSums<acc_t> term_sums(const RowArgs<scalar_t, acc_t>& args, const scalar_t* student,
                                    const scalar_t* teacher, const SoftView<acc_t>& view_a,
                                    const SoftView<acc_t>& view_b, const LogNormaliser<acc_t> norm_a,
@@ -339,6 +341,7 @@ KD_INLINE RowSums<acc_t> term_sums(const RowArgs<scalar_t, acc_t>& args, const s
   RowSums<acc_t> sums;
   for (int64_t j0 = 0; j0 < args.vocab; j0 += kChunk) {
     const int64_t n = std::min(kChunk, args.vocab - j0);
+    acc_t* block = kKeep ? cache + j0 / kChunk * kTermBlock : nullptr;
     load_soft(args, view_a, student + j0, n, a);
     load_soft(args, view_b, teacher + j0, n, b);
     acc_t value = 0, d_student = 0, d_teacher = 0, s_moment = 0, s_mean = 0, t_moment = 0, t_mean = 0;
@@ -347,7 +350,8 @@ KD_INLINE RowSums<acc_t> term_sums(const RowArgs<scalar_t, acc_t>& args, const s
       const bool shared = (a[i] > kNegInf) & (b[i] > kNegInf);
       const acc_t lq = shared ? norm_a.log_prob(a[i]) : acc_t(0);
       const acc_t lp = shared ? norm_b.log_prob(b[i]) : acc_t(0);
-      const Terms<acc_t> t = Div::template terms<Math>(lp, lq, Math::exp(lp), Math::exp(lq), params);
+      const acc_t q = Math::exp(norm_a.log_prob(a[i])), p = Math::exp(norm_b.log_prob(b[i]));  // 0 at -inf
+      const Terms<acc_t> t = Div::template terms<Math>(lp, lq, p, q, params);
       const acc_t entry_d_student = shared ? t.d_student : acc_t(0), entry_d_teacher = shared ? t.d_teacher : acc_t(0);
       value += shared ? t.value : acc_t(0);
       d_student += entry_d_student;
@@ -355,16 +359,16 @@ KD_INLINE RowSums<acc_t> term_sums(const RowArgs<scalar_t, acc_t>& args, const s
       if constexpr (kStandardize) {
         const acc_t a_finite = a[i] > kNegInf ? a[i] : acc_t(0), b_finite = b[i] > kNegInf ? b[i] : acc_t(0);
         s_moment += entry_d_student * a_finite;
-        s_mean += Math::exp(norm_a.log_prob(a[i])) * a_finite;
+        s_mean += q * a_finite;
         t_moment += entry_d_teacher * b_finite;
-        t_mean += Math::exp(norm_b.log_prob(b[i])) * b_finite;
+        t_mean += p * b_finite;
       }
-      a[i] = entry_d_student;
-      b[i] = entry_d_teacher;
-    }
-    if (cache) {
-      std::copy_n(a, n, cache + j0);
-      std::copy_n(b, n, cache + args.vocab + j0);
+      if constexpr (kKeep) {
+        block[i] = entry_d_student;
+        block[kChunk + i] = entry_d_teacher;
+        block[2 * kChunk + i] = q;
+        block[3 * kChunk + i] = p;
+      }
     }
     sums.value += value;
     sums.d_student += d_student;
@@ -412,20 +416,21 @@ KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, const Divergen
   const scalar_t* teacher = args.teacher + row * args.teacher_stride;
   for (int64_t j0 = 0; j0 < vocab; j0 += kChunk) {
     const int64_t n = std::min(kChunk, vocab - j0);
+    const acc_t* block = kCached ? cache + j0 / kChunk * kTermBlock : nullptr;
     load_soft(args, g.view_a, student + j0, n, a);
     if constexpr (kSoft) load_soft(args, g.view_b, teacher + j0, n, b);
     if constexpr (kSeparateCE) load_scaled(student + j0, n, acc_t(1), c);
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const acc_t q = Math::exp(g.norm_a.log_prob(a[i]));
+      const acc_t q = kCached ? block[2 * kChunk + i] : Math::exp(g.norm_a.log_prob(a[i]));
       acc_t grad_s = g.hard_weight * (kSeparateCE ? Math::exp(g.norm_c.log_prob(c[i])) : q);
       acc_t grad_t = 0;
       if constexpr (kSoft) {
-        const acc_t p = Math::exp(g.norm_b.log_prob(b[i]));
+        const acc_t p = kCached ? block[3 * kChunk + i] : Math::exp(g.norm_b.log_prob(b[i]));
         acc_t d_student, d_teacher;
         if constexpr (kCached) {
-          d_student = cache[j0 + i];
-          d_teacher = cache[vocab + j0 + i];
+          d_student = block[i];
+          d_teacher = block[kChunk + i];
         } else {
           const bool shared = (a[i] > kNegInf) & (b[i] > kNegInf);
           const acc_t lq = shared ? g.norm_a.log_prob(a[i]) : acc_t(0);
@@ -472,8 +477,8 @@ KD_INLINE void write_gradients(const RowArgs<scalar_t, acc_t>& args, const Diver
   }
 }
 
-// One whole row; `cache`: 2 V floats for kCachesTerms divergences when gradients are wanted, else
-// nullptr.
+// One whole row; `cache`: the term blocks of kCachesTerms divergences when gradients are wanted,
+// else nullptr.
 template <typename Div, typename scalar_t, typename acc_t>
 KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, acc_t* a, acc_t* b, acc_t* c,
                            acc_t* cache) {
@@ -555,9 +560,17 @@ KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, ac
     }
   }
   if (!summed) {
-    sums = args.standardize
-               ? term_sums<Div, true>(args, student, teacher, view_a, view_b, norm_a, norm_b, params, a, b, cache)
-               : term_sums<Div, false>(args, student, teacher, view_a, view_b, norm_a, norm_b, params, a, b, cache);
+    // Inlined, so that it is built for the ISA of the clone it runs in.
+    const auto sum_terms = [&](auto standardize, auto keep) __attribute__((always_inline)) {
+      return term_sums<Div, decltype(standardize)::value, decltype(keep)::value>(
+          args, student, teacher, view_a, view_b, norm_a, norm_b, params, a, b, cache);
+    };
+    if constexpr (kCachesTerms<Div>) {
+      if (cache) sums = args.standardize ? sum_terms(std::true_type{}, std::true_type{})
+                                         : sum_terms(std::false_type{}, std::true_type{});
+    }
+    if (!cache) sums = args.standardize ? sum_terms(std::true_type{}, std::false_type{})
+                                        : sum_terms(std::false_type{}, std::false_type{});
   }
   args.loss[row] = args.soft_weight * sums.value + args.hard_weight * ce;
   args.status[row] = kOk;
@@ -624,8 +637,8 @@ KD_INLINE void process_shard_row(const RowArgs<scalar_t, acc_t>& args, const Sha
   if (shard.stage == kShardSums) {  // read 2
     RowSums<acc_t> sums{};
     if (need_soft && !ignored) {
-      sums = term_sums<Div, false>(args, student, teacher, view, view, norm_a, norm_b, args.params, a, b,
-                                   static_cast<acc_t*>(nullptr));
+      sums = term_sums<Div, false, false>(args, student, teacher, view, view, norm_a, norm_b, args.params, a, b,
+                                          static_cast<acc_t*>(nullptr));
     }
     const acc_t target_logit = need_ce && !ignored && local_y >= 0 ? static_cast<acc_t>(student[local_y]) : acc_t(0);
     const acc_t out[kShardSumsWidth] = {sums.value, sums.d_student, sums.d_teacher, target_logit};
@@ -648,7 +661,7 @@ KD_INLINE void process_row_range(const RowArgs<scalar_t, acc_t>& args, const Sha
                                  int64_t end) {
   alignas(64) acc_t a[kChunk], b[kChunk], c[kChunk];
   const bool caching = kCachesTerms<Div> && !shard && (args.grad_student || args.grad_teacher);
-  std::vector<acc_t> cache(caching ? 2 * args.vocab : 0);
+  std::vector<acc_t> cache(caching ? (args.vocab + kChunk - 1) / kChunk * kTermBlock : 0);
   for (int64_t row = begin; row < end; ++row) {
     shard ? process_shard_row<Div>(args, *shard, row, a, b, c)
           : process_row<Div>(args, row, a, b, c, caching ? cache.data() : nullptr);
