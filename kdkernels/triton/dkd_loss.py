@@ -13,20 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kdkernels.triton.kd_loss import _merge, row_block, row_outputs
+from kdkernels.triton.kd_loss import _online, row_block, row_outputs
 
 Tensor = torch.Tensor
 
 _TARGET_OUT_OF_RANGE = tl.constexpr(1)
 _STUDENT_NON_FINITE = tl.constexpr(3)
 _TEACHER_NON_FINITE = tl.constexpr(4)
-
-
-@triton.jit
-def _online(m, z, x):
-    """(max, sum of exp(x - max)) updated with the block x."""
-    m, offset, rescale = _merge(m, tl.max(x))
-    return m, z * rescale + tl.sum(tl.exp(x - offset))
 
 
 @triton.jit

@@ -337,6 +337,19 @@ def _merge(m, chunk_max):
 
 
 @triton.jit
+def _online(m, z, x):
+    """(max, sum of exp(x - max)) updated with the block x."""
+    m, offset, rescale = _merge(m, tl.max(x))
+    return m, z * rescale + tl.sum(tl.exp(x - offset))
+
+
+@triton.jit
+def _non_finite(x):
+    """The number of NaN and +inf entries of the block x (-inf is a valid, masked entry)."""
+    return tl.sum(((x != x) | (x == float("inf"))).to(tl.int32))
+
+
+@triton.jit
 def row_target(Y, row, V, ignore_index, HAS_TARGET: tl.constexpr):
     """A row's target y (-1 without target), whether it is ignore_index, and its status: target
     out of range or 0."""
@@ -473,13 +486,13 @@ def _kd_loss_kernel(
         inside = offs < V
         c = tl.load(s_row + offs, mask=inside, other=neg_inf).to(ACC)
         a = _soft(c, center_a, scale_a, softcap, SOFTCAP)
-        bad_s += tl.sum(((a != a) | (a == float("inf"))).to(tl.int32))
+        bad_s += _non_finite(a)
         m_a, offset_a, rescale_a = _merge(m_a, tl.max(a))
         ea = tl.exp(a - offset_a)
         z_a = z_a * rescale_a + tl.sum(ea)
         if NEED_SOFT:
             b = _load_soft(t_row + offs, inside, center_b, scale_b, softcap, SOFTCAP, ACC)
-            bad_t += tl.sum(((b != b) | (b == float("inf"))).to(tl.int32))
+            bad_t += _non_finite(b)
             m_b, offset_b, rescale_b = _merge(m_b, tl.max(b))
             eb = tl.exp(b - offset_b)
             z_b = z_b * rescale_b + tl.sum(eb)
@@ -491,8 +504,7 @@ def _kd_loss_kernel(
                 mass_b = mass_b * rescale_b + tl.sum(tl.where(shared, eb, 0.0))
                 lr_b = lr_b * rescale_b - tl.sum(eb * diff)
         if SEPARATE_CE:
-            m_c, offset_c, rescale_c = _merge(m_c, tl.max(c))
-            z_c = z_c * rescale_c + tl.sum(tl.exp(c - offset_c))
+            m_c, z_c = _online(m_c, z_c, c)
 
     if status == 0:
         status = tl.where(bad_s > 0, _STUDENT_NON_FINITE, status)
@@ -665,17 +677,14 @@ def _kd_loss_shard_kernel(
             inside = offs < V
             c = tl.load(s_row + offs, mask=inside, other=neg_inf).to(ACC)
             a = _soft(c, zero, zero + inv_t, softcap, SOFTCAP)
-            bad_s += tl.sum(((a != a) | (a == float("inf"))).to(tl.int32))
-            m_a, offset_a, rescale_a = _merge(m_a, tl.max(a))
-            z_a = z_a * rescale_a + tl.sum(tl.exp(a - offset_a))
+            bad_s += _non_finite(a)
+            m_a, z_a = _online(m_a, z_a, a)
             if NEED_SOFT:
                 b = _load_soft(t_row + offs, inside, zero, zero + inv_t, softcap, SOFTCAP, ACC)
-                bad_t += tl.sum(((b != b) | (b == float("inf"))).to(tl.int32))
-                m_b, offset_b, rescale_b = _merge(m_b, tl.max(b))
-                z_b = z_b * rescale_b + tl.sum(tl.exp(b - offset_b))
+                bad_t += _non_finite(b)
+                m_b, z_b = _online(m_b, z_b, b)
             if SEPARATE_CE:
-                m_c, offset_c, rescale_c = _merge(m_c, tl.max(c))
-                z_c = z_c * rescale_c + tl.sum(tl.exp(c - offset_c))
+                m_c, z_c = _online(m_c, z_c, c)
         if not SEPARATE_CE:
             m_c = m_a
             z_c = z_a

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from kdkernels.triton.kd_loss import (_STUDENT_ALL_MASKED, _STUDENT_NON_FINITE, _TEACHER_ALL_MASKED,
-                                      _TEACHER_NON_FINITE, ADAPTIVE_KL, _merge, _terms, divergence_params,
+                                      _TEACHER_NON_FINITE, ADAPTIVE_KL, _non_finite, _online, _terms, divergence_params,
                                       hard_label_term, row_block, row_outputs, row_target)
 
 Tensor = torch.Tensor
@@ -97,8 +97,7 @@ def _topk_kd_loss_kernel(
         status = tl.where(tl.sum((is_id & (ids == previous)).to(tl.int32)) > 0, _DUPLICATE_INDEX, 0)
     logprobs = tl.load(L + row * K + lanes, mask=is_id, other=neg_inf).to(ACC)
     if status == 0:
-        status = tl.where(tl.sum(((logprobs != logprobs) | (logprobs == float("inf"))).to(tl.int32)) > 0,
-                          _TEACHER_NON_FINITE, 0)
+        status = tl.where(_non_finite(logprobs) > 0, _TEACHER_NON_FINITE, 0)
     rest_logprob = zero + neg_inf
     if BUCKET:
         mass = tl.sum(tl.exp(logprobs))
@@ -120,15 +119,13 @@ def _topk_kd_loss_kernel(
         lo = tl.sum((safe_ids < start).to(tl.int32))
         hi = tl.sum((safe_ids < start + BLOCK).to(tl.int32))
         a = _mask_ids(c * inv_t, offs, i_row, lo, hi, neg_inf)
-        bad_s += tl.sum(((a != a) | (a == float("inf"))).to(tl.int32))
-        m_r, offset_r, rescale_r = _merge(m_r, tl.max(a))
-        z_r = z_r * rescale_r + tl.sum(tl.exp(a - offset_r))
+        bad_s += _non_finite(a)
+        m_r, z_r = _online(m_r, z_r, a)
         if SEPARATE_CE:
-            m_c, offset_c, rescale_c = _merge(m_c, tl.max(c))
-            z_c = z_c * rescale_c + tl.sum(tl.exp(c - offset_c))
+            m_c, z_c = _online(m_c, z_c, c)
     in_range = is_id & (ids >= 0) & (ids < V)
     a_ids = tl.load(s_row + tl.where(in_range, ids, 0), mask=in_range, other=neg_inf).to(ACC) * inv_t
-    bad_s += tl.sum(((a_ids != a_ids) | (a_ids == float("inf"))).to(tl.int32))
+    bad_s += _non_finite(a_ids)
     if status == 0:
         status = tl.where(bad_s > 0, _STUDENT_NON_FINITE, 0)
     rest_live = z_r > 0
