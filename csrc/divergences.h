@@ -76,12 +76,18 @@ KD_HD acc_t pick(const Choice<acc_t>& choice, acc_t x0, acc_t x1, acc_t x2) {
   return x;
 }
 
+// Terms of the AB divergence's series in the spread of its nodes (AlphaBeta), enough that the
+// first left out is below the rounding error of acc_t.
+template <typename acc_t>
+constexpr int kNearTerms = sizeof(acc_t) == 8 ? 19 : 10;
+
 template <typename acc_t>
 struct AlphaBetaParams {
   acc_t alpha, beta;
   acc_t inv_alpha, inv_beta, inv_sum;  // 1 / alpha, 1 / beta, 1 / (alpha + beta); inf for 0
-  acc_t offset_middle, spread;         // c of the middle and of the highest node minus the lowest c
+  acc_t spread;                        // c of the highest node minus the lowest c
   Choice<acc_t> lowest, middle;        // the AlphaBetaNode with the lowest and the middle c
+  acc_t near[kNearTerms<acc_t>];       // coefficients of the series of exp[x_q, m, x_p] in spread * u
 };
 
 // The constants of a divergence, prepared on the host (make_divergence_params).
@@ -188,21 +194,6 @@ KD_HD acc_t exp_ratio_series(acc_t d) {
   return series;
 }
 
-// sum_k h_k(y1, y2) / (k + 2)! with h_k the complete homogeneous polynomials: exp[x, x + y1, x + y2] / e^x.
-template <typename acc_t>
-KD_HD acc_t exp_second_ratio_series(acc_t y1, acc_t y2) {
-  constexpr int kTerms = sizeof(acc_t) == 8 ? 19 : 10;
-  acc_t h = 1, y1_power = 1, inv_factorial = acc_t(0.5), series = acc_t(0.5);
-  KD_UNROLL
-  for (int k = 1; k < kTerms; ++k) {
-    y1_power *= y1;
-    h = y2 * h + y1_power;
-    inv_factorial *= acc_t(1) / acc_t(k + 2);
-    series += h * inv_factorial;
-  }
-  return series;
-}
-
 // Generalised JSD: beta * KL(p || m) + (1 - beta) * KL(q || m), m = beta * p + (1 - beta) * q.
 // df/dq = (1 - beta) * log(q / m) and df/dp = beta * log(p / m).
 struct JSD {
@@ -265,7 +256,10 @@ struct TVD {
 // (e^b - e^a) / (c_b - c_a) takes the place of a division by u, and a Taylor series that of the
 // difference where |(c_b - c_a) u| < 1/2; the second divided difference is the difference of
 // the two G of the nodes ordered by c over their c spread, or its series where the nodes lie
-// within 1/2. Three exps and no division per entry.
+// within 1/2: exp[x, x + y1, x + y2] / e^x = sum_k h_k(y1, y2) / (k + 2)! with h_k the complete
+// homogeneous polynomials, and as the nodes' offsets y1 = r y2 keep a ratio r fixed per call,
+// h_k(y1, y2) = y2^k h_k(r, 1): a polynomial in y2 = spread * u with coefficients prepared on the
+// host (near). Three exps and no division per entry.
 struct AlphaBeta {
   static constexpr Divergence kId = Divergence::kAlphaBeta;
   static constexpr bool kSumsFromStats = false;
@@ -285,8 +279,11 @@ struct AlphaBeta {
     const acc_t apart = pick(ab.middle, (g_qp - g_qm) * ab.inv_beta, (g_mp - g_qm) * ab.inv_sum,
                              (g_mp - g_qp) * ab.inv_alpha);
     const acc_t e_lowest = pick(ab.lowest, e_q, e_m, e_p);
-    const acc_t near = u * u * e_lowest * exp_second_ratio_series(ab.offset_middle * u, ab.spread * u);
     const acc_t spread_u = ab.spread * u;
+    acc_t series = ab.near[kNearTerms<acc_t> - 1];
+    KD_UNROLL
+    for (int k = kNearTerms<acc_t> - 2; k >= 0; --k) series = series * spread_u + ab.near[k];
+    const acc_t near = u * u * e_lowest * series;
     const acc_t value = spread_u < acc_t(0.5) && spread_u > acc_t(-0.5) ? near : apart;
     return {value, -g_qm, g_mp};
   }
@@ -336,7 +333,9 @@ inline bool dispatch_divergence(Divergence divergence, Fn&& fn) {
   return false;
 }
 
-// The AB constants: the order of the nodes by their coefficient, and the inverses.
+// The AB constants: the order of the nodes by their coefficient, the inverses, and the near
+// series' coefficients h_k(r, 1) / (k + 2)! = (1 + r + ... + r^k) / (k + 2)!, r the middle node's
+// offset over the spread (0 where the nodes coincide).
 template <typename acc_t>
 AlphaBetaParams<acc_t> make_alpha_beta_params(double alpha, double beta) {
   const double c[3] = {0.0, alpha, alpha + beta};  // AlphaBetaNode order
@@ -348,9 +347,18 @@ AlphaBetaParams<acc_t> make_alpha_beta_params(double alpha, double beta) {
     chosen.mask[node] = ~typename BitsOf<acc_t>::type{0};
     return chosen;
   };
-  return {static_cast<acc_t>(alpha), static_cast<acc_t>(beta), inverse(alpha), inverse(beta), inverse(alpha + beta),
-          static_cast<acc_t>(c[order[1]] - c[order[0]]), static_cast<acc_t>(c[order[2]] - c[order[0]]),
-          choice(order[0]), choice(order[1])};
+  const double spread = c[order[2]] - c[order[0]];
+  AlphaBetaParams<acc_t> params{static_cast<acc_t>(alpha), static_cast<acc_t>(beta), inverse(alpha), inverse(beta),
+                                inverse(alpha + beta), static_cast<acc_t>(spread), choice(order[0]),
+                                choice(order[1]), {}};
+  const double ratio = spread > 0 ? (c[order[1]] - c[order[0]]) / spread : 0.0;
+  double h = 0, ratio_power = 1, inverse_factorial = 1;
+  for (int k = 0; k < kNearTerms<acc_t>; ++k, ratio_power *= ratio) {
+    h += ratio_power;
+    inverse_factorial /= k + 2;
+    params.near[k] = static_cast<acc_t>(h * inverse_factorial);
+  }
+  return params;
 }
 
 // The constants of a divergence from its keyword arguments, in the order of kdkernels/ops/

@@ -149,14 +149,39 @@ KD_INLINE acc_t exp_offset(acc_t chunk_max) {
   return chunk_max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : chunk_max;
 }
 
+// Adds x[0:n]'s exps to the online statistics; with `kept`, also keeps each exp(x - offset) there.
 template <typename acc_t>
-KD_INLINE void accumulate_exp(const acc_t* x, int64_t n, acc_t chunk_max, OnlineSide<acc_t>& side) {
+KD_INLINE void accumulate_exp(const acc_t* x, int64_t n, acc_t chunk_max, OnlineSide<acc_t>& side,
+                              acc_t* kept = nullptr) {
   using Math = MathFor<acc_t>;
   const acc_t offset = exp_offset(chunk_max);
   acc_t sum = 0;
+  if (kept) {
 #pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) sum += Math::exp(x[i] - offset);
+    for (int64_t i = 0; i < n; ++i) {
+      kept[i] = Math::exp(x[i] - offset);
+      sum += kept[i];
+    }
+  } else {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) sum += Math::exp(x[i] - offset);
+  }
   side.merge(chunk_max, sum, 0, 0);
+}
+
+// The factor that turns a chunk's kept exps exp(x - chunk_max) into probabilities, 0 for a chunk
+// with no finite entry.
+template <typename acc_t>
+KD_INLINE acc_t chunk_scale(const LogNormaliser<acc_t>& norm, acc_t chunk_max) {
+  return chunk_max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : std::exp(norm.log_prob(chunk_max));
+}
+
+// A kept exp times its chunk_scale: a probability, flushed to 0 below the smallest normal as exp
+// flushes (no subnormal arithmetic downstream).
+template <typename acc_t>
+KD_INLINE acc_t scaled_exp(acc_t kept, acc_t scale) {
+  const acc_t x = kept * scale;
+  return x < std::numeric_limits<acc_t>::min() ? acc_t(0) : x;
 }
 
 }  // namespace cpu

@@ -317,23 +317,51 @@ struct RowSums : Terms<acc_t> {
   RowSums(const Terms<acc_t>& t) : Terms<acc_t>(t) {}  // NOLINT(runtime/explicit)
 };
 
-// The divergences with a read 2 (all but forward and reverse KL and adaptive KL): when gradients
-// are wanted, read 2 keeps each entry's d_student, d_teacher, q and p in a row cache, which read 3
-// reads back rather than computing exps and terms again. The cache is chunk-major: chunk k's
-// four arrays of kChunk floats start at kTermBlock * k, 4 V floats per thread in all (2 MiB at
-// V = 128k), within L2 or L3 for the vocabularies of today's models.
+// The row cache of the divergences with a read 2 (all but forward and reverse KL and adaptive
+// KL), per thread and chunk-major. Read 1 keeps each chunk's exps of student/T and teacher/T
+// (exp(x - chunk max)) with the chunk maxima, and read 2 scales them into q and p rather than
+// computing exps again. When gradients are wanted, read 2 also keeps what read 3 needs: each
+// entry's d_student and q (kStudentTerms: only the student's gradient is wanted) and also
+// d_teacher and p (kAllTerms), with read 1's exps of the raw student for the CE term at T != 1;
+// read 3 then computes no exp and, without softcap or standardize, reads no logits. The slots of
+// a chunk's block, kChunk floats each (kSlot* offsets):
+//   kExpsOnly:     q, p
+//   kStudentTerms: q, p then d_student, ce
+//   kAllTerms:     q, p, d_student, d_teacher, ce
+// then three chunk maxima (student/T, teacher/T, raw student) per chunk after the blocks. Up to
+// 5 V floats per thread (2.5 MiB at V = 128k), within L2 or L3 for the vocabularies of today's
+// models.
 template <typename Div>
 constexpr bool kCachesTerms = !Div::kSumsFromStats;
-constexpr int64_t kTermBlock = 4 * kChunk;
+enum CacheUse : int { kUncached = 0, kExpsOnly = 1, kStudentTerms = 2, kAllTerms = 3 };
+template <int kUse>
+using UseTag = std::integral_constant<int, kUse>;
+constexpr int64_t kSlotQ = 0, kSlotP = kChunk, kSlotDTeacher = 3 * kChunk;
+constexpr int64_t slot_d_student(int use) { return use == kAllTerms ? 2 * kChunk : kChunk; }
+constexpr int64_t slot_ce(int use) { return use == kAllTerms ? 4 * kChunk : 2 * kChunk; }
+constexpr int64_t block_width(int use) {
+  return kChunk * (use == kAllTerms ? 5 : use == kStudentTerms ? 3 : use == kExpsOnly ? 2 : 0);
+}
 
-// Read 2: the row sums of the divergence terms (and the standardize moments); with kKeep, also
-// each entry's d_student, d_teacher (0 where not shared), q and p in `cache` (kCachesTerms).
-template <typename Div, bool kStandardize, bool kKeep, typename scalar_t, typename acc_t>
+template <typename acc_t>
+struct RowCache {
+  int use;
+  acc_t* data;
+  int64_t chunks;
+  static RowCache none() { return {kUncached, nullptr, 0}; }
+  KD_INLINE acc_t* block(int64_t j0) const { return data + j0 / kChunk * block_width(use); }
+  KD_INLINE acc_t* maxima(int64_t j0) const { return data + chunks * block_width(use) + j0 / kChunk * 3; }
+};
+
+// Read 2: the row sums of the divergence terms (and the standardize moments), from the exps in
+// `cache` (kUse, a CacheUse) or computing them (kUncached); with kStudentTerms and kAllTerms, the
+// entries' terms (d_student and d_teacher 0 where not shared) are kept there for read 3.
+template <typename Div, bool kStandardize, int kUse, typename scalar_t, typename acc_t>
 KD_INLINE RowSums<acc_t> term_sums(const RowArgs<scalar_t, acc_t>& args, const scalar_t* student,
                                    const scalar_t* teacher, const SoftView<acc_t>& view_a,
                                    const SoftView<acc_t>& view_b, const LogNormaliser<acc_t> norm_a,
                                    const LogNormaliser<acc_t> norm_b, const DivergenceParams<acc_t> params, acc_t* a,
-                                   acc_t* b, acc_t* cache) {
+                                   acc_t* b, const RowCache<acc_t> cache) {
   // norm_a, norm_b and params by value: in registers, the loop can read them under a mask
   // (a reference could alias a[] or b[], and the loop would not vectorise).
   using Math = MathFor<acc_t>;
@@ -341,7 +369,10 @@ KD_INLINE RowSums<acc_t> term_sums(const RowArgs<scalar_t, acc_t>& args, const s
   RowSums<acc_t> sums;
   for (int64_t j0 = 0; j0 < args.vocab; j0 += kChunk) {
     const int64_t n = std::min(kChunk, args.vocab - j0);
-    acc_t* block = kKeep ? cache + j0 / kChunk * kTermBlock : nullptr;
+    acc_t* block = kUse != kUncached ? cache.block(j0) : nullptr;
+    const acc_t* maxima = kUse != kUncached ? cache.maxima(j0) : nullptr;
+    const acc_t scale_a = kUse != kUncached ? chunk_scale(norm_a, maxima[0]) : acc_t(0);
+    const acc_t scale_b = kUse != kUncached ? chunk_scale(norm_b, maxima[1]) : acc_t(0);
     load_soft(args, view_a, student + j0, n, a);
     load_soft(args, view_b, teacher + j0, n, b);
     acc_t value = 0, d_student = 0, d_teacher = 0, s_moment = 0, s_mean = 0, t_moment = 0, t_mean = 0;
@@ -350,7 +381,9 @@ KD_INLINE RowSums<acc_t> term_sums(const RowArgs<scalar_t, acc_t>& args, const s
       const bool shared = (a[i] > kNegInf) & (b[i] > kNegInf);
       const acc_t lq = shared ? norm_a.log_prob(a[i]) : acc_t(0);
       const acc_t lp = shared ? norm_b.log_prob(b[i]) : acc_t(0);
-      const acc_t q = Math::exp(norm_a.log_prob(a[i])), p = Math::exp(norm_b.log_prob(b[i]));  // 0 at -inf
+      const acc_t q = kUse != kUncached ? scaled_exp(block[kSlotQ + i], scale_a)
+                                        : Math::exp(norm_a.log_prob(a[i]));  // 0 at -inf
+      const acc_t p = kUse != kUncached ? scaled_exp(block[kSlotP + i], scale_b) : Math::exp(norm_b.log_prob(b[i]));
       const Terms<acc_t> t = Div::template terms<Math>(lp, lq, p, q, params);
       const acc_t entry_d_student = shared ? t.d_student : acc_t(0), entry_d_teacher = shared ? t.d_teacher : acc_t(0);
       value += shared ? t.value : acc_t(0);
@@ -363,11 +396,13 @@ KD_INLINE RowSums<acc_t> term_sums(const RowArgs<scalar_t, acc_t>& args, const s
         t_moment += entry_d_teacher * b_finite;
         t_mean += p * b_finite;
       }
-      if constexpr (kKeep) {
-        block[i] = entry_d_student;
-        block[kChunk + i] = entry_d_teacher;
-        block[2 * kChunk + i] = q;
-        block[3 * kChunk + i] = p;
+      if constexpr (kUse == kStudentTerms || kUse == kAllTerms) {
+        block[kSlotQ + i] = q;
+        block[slot_d_student(kUse) + i] = entry_d_student;
+      }
+      if constexpr (kUse == kAllTerms) {
+        block[kSlotP + i] = p;
+        block[kSlotDTeacher + i] = entry_d_teacher;
       }
     }
     sums.value += value;
@@ -402,36 +437,53 @@ struct GradientScales {
 };
 
 // Writes the gradients of one row's loss: the soft term (kSoft) through the softmax Jacobian
-// of the divergence terms (computed, or with kCached read from term_sums' cache), plus the CE
-// term softmax(student) - onehot(y) (from student/T when T = 1, else from the raw student
-// logits in c: kSeparateCE). a and b return the gradients.
-template <typename Div, bool kSoft, bool kSeparateCE, bool kCached, typename scalar_t, typename acc_t>
+// of the divergence terms (computed, or read from what term_sums kept in the row cache: kUse;
+// with kStudentTerms only the student's gradient), plus the CE term softmax(student) - onehot(y)
+// (from student/T when T = 1, else from the raw student logits in c or their kept exps:
+// kSeparateCE). a and b return the gradients.
+template <typename Div, bool kSoft, bool kSeparateCE, int kUse, typename scalar_t, typename acc_t>
 KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, const DivergenceParams<acc_t> params, int64_t row,
                             int64_t y, const GradientScales<acc_t> g, acc_t* a, acc_t* b, acc_t* c,
-                            const acc_t* cache) {  // params and g by value, as in term_sums
+                            const RowCache<acc_t> cache) {  // params, g and cache by value, as in term_sums
+  constexpr bool kCached = kUse != kUncached;
   using Math = MathFor<acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const int64_t vocab = args.vocab;
   const scalar_t* student = args.student + row * args.student_stride;
   const scalar_t* teacher = args.teacher + row * args.teacher_stride;
+  // Cached terms need the soft values only for the softcap slope and the standardize coupling;
+  // without those, zeros stand in for them (slope 1, no coupling term).
+  const bool load_values = !kCached || args.softcap != 0 || args.standardize;
   for (int64_t j0 = 0; j0 < vocab; j0 += kChunk) {
     const int64_t n = std::min(kChunk, vocab - j0);
-    const acc_t* block = kCached ? cache + j0 / kChunk * kTermBlock : nullptr;
-    load_soft(args, g.view_a, student + j0, n, a);
-    if constexpr (kSoft) load_soft(args, g.view_b, teacher + j0, n, b);
-    if constexpr (kSeparateCE) load_scaled(student + j0, n, acc_t(1), c);
+    const acc_t* block = kCached ? cache.block(j0) : nullptr;
+    const acc_t scale_c = kCached && kSeparateCE ? chunk_scale(g.norm_c, cache.maxima(j0)[2]) : acc_t(0);
+    if (load_values) {
+      load_soft(args, g.view_a, student + j0, n, a);
+      if constexpr (kSoft && kUse != kStudentTerms) load_soft(args, g.view_b, teacher + j0, n, b);
+    } else {
+      std::fill_n(a, n, acc_t(0));
+      std::fill_n(b, n, acc_t(0));
+    }
+    if constexpr (kSeparateCE && !kCached) load_scaled(student + j0, n, acc_t(1), c);
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const acc_t q = kCached ? block[2 * kChunk + i] : Math::exp(g.norm_a.log_prob(a[i]));
-      acc_t grad_s = g.hard_weight * (kSeparateCE ? Math::exp(g.norm_c.log_prob(c[i])) : q);
+      const acc_t q = kCached ? block[kSlotQ + i] : Math::exp(g.norm_a.log_prob(a[i]));
+      const acc_t ce_q = !kSeparateCE ? q
+                         : kCached    ? scaled_exp(block[slot_ce(kUse) + i], scale_c)
+                                      : Math::exp(g.norm_c.log_prob(c[i]));
+      acc_t grad_s = g.hard_weight * ce_q;
       acc_t grad_t = 0;
       if constexpr (kSoft) {
-        const acc_t p = kCached ? block[3 * kChunk + i] : Math::exp(g.norm_b.log_prob(b[i]));
-        acc_t d_student, d_teacher;
+        acc_t d_student, d_teacher = 0, p = 0;
         if constexpr (kCached) {
-          d_student = block[i];
-          d_teacher = block[kChunk + i];
+          d_student = block[slot_d_student(kUse) + i];
+          if constexpr (kUse == kAllTerms) {
+            d_teacher = block[kSlotDTeacher + i];
+            p = block[kSlotP + i];
+          }
         } else {
+          p = Math::exp(g.norm_b.log_prob(b[i]));
           const bool shared = (a[i] > kNegInf) & (b[i] > kNegInf);
           const acc_t lq = shared ? g.norm_a.log_prob(a[i]) : acc_t(0);
           const acc_t lp = shared ? g.norm_b.log_prob(b[i]) : acc_t(0);
@@ -442,9 +494,11 @@ KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, const Divergen
         grad_s += g.soft_weight * g.view_a.scale * (d_student - q * g.sum_d_student) *
                       softcap_slope(a[i], args.cap_scale) -
                   (a[i] > kNegInf ? g.view_a.coupling * a[i] : acc_t(0));
-        grad_t = g.soft_weight * g.view_b.scale * (d_teacher - p * g.sum_d_teacher) *
-                     softcap_slope(b[i], args.cap_scale) -
-                 (b[i] > kNegInf ? g.view_b.coupling * b[i] : acc_t(0));
+        if constexpr (kUse != kStudentTerms) {
+          grad_t = g.soft_weight * g.view_b.scale * (d_teacher - p * g.sum_d_teacher) *
+                       softcap_slope(b[i], args.cap_scale) -
+                   (b[i] > kNegInf ? g.view_b.coupling * b[i] : acc_t(0));
+        }
       }
       a[i] = grad_s;
       b[i] = grad_t;
@@ -455,33 +509,28 @@ KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, const Divergen
   }
 }
 
-// The gradients of one row; `cache`: the row's terms kept by term_sums, or nullptr.
+// The gradients of one row, from what term_sums kept in `cache` where it did.
 template <typename Div, typename scalar_t, typename acc_t>
 KD_INLINE void write_gradients(const RowArgs<scalar_t, acc_t>& args, const DivergenceParams<acc_t>& params,
                                int64_t row, int64_t y, bool soft, bool separate_ce, const GradientScales<acc_t>& scales,
-                               acc_t* a, acc_t* b, acc_t* c, const acc_t* cache) {
-  const acc_t* no_cache = nullptr;
+                               acc_t* a, acc_t* b, acc_t* c, const RowCache<acc_t>& cache) {
+  const auto soft_row = [&](auto use) __attribute__((always_inline)) {
+    separate_ce ? gradient_row<Div, true, true, decltype(use)::value>(args, params, row, y, scales, a, b, c, cache)
+                : gradient_row<Div, true, false, decltype(use)::value>(args, params, row, y, scales, a, b, c, cache);
+  };
   if constexpr (kCachesTerms<Div>) {
-    if (soft && cache) {
-      separate_ce ? gradient_row<Div, true, true, true>(args, params, row, y, scales, a, b, c, cache)
-                  : gradient_row<Div, true, false, true>(args, params, row, y, scales, a, b, c, cache);
-      return;
-    }
+    if (soft && cache.use == kStudentTerms) return soft_row(UseTag<kStudentTerms>{});
+    if (soft && cache.use == kAllTerms) return soft_row(UseTag<kAllTerms>{});
   }
-  if (soft) {
-    separate_ce ? gradient_row<Div, true, true, false>(args, params, row, y, scales, a, b, c, no_cache)
-                : gradient_row<Div, true, false, false>(args, params, row, y, scales, a, b, c, no_cache);
-  } else {
-    separate_ce ? gradient_row<Div, false, true, false>(args, params, row, y, scales, a, b, c, no_cache)
-                : gradient_row<Div, false, false, false>(args, params, row, y, scales, a, b, c, no_cache);
-  }
+  if (soft) return soft_row(UseTag<kUncached>{});
+  separate_ce ? gradient_row<Div, false, true, kUncached>(args, params, row, y, scales, a, b, c, cache)
+              : gradient_row<Div, false, false, kUncached>(args, params, row, y, scales, a, b, c, cache);
 }
 
-// One whole row; `cache`: the term blocks of kCachesTerms divergences when gradients are wanted,
-// else nullptr.
+// One whole row, with the thread's row cache (kUncached for the divergences without a read 2).
 template <typename Div, typename scalar_t, typename acc_t>
 KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, acc_t* a, acc_t* b, acc_t* c,
-                           acc_t* cache) {
+                           const RowCache<acc_t>& cache) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const int64_t vocab = args.vocab;
   const scalar_t* student = args.student + row * args.student_stride;
@@ -506,8 +555,12 @@ KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, ac
   const acc_t anchor_a = row_anchor(args, view_a, student), anchor_b = row_anchor(args, view_b, teacher);
   OnlineSide<acc_t> side_a, side_b, side_c;
   int bad_student = 0, bad_teacher = 0;
+  const bool cached = cache.use != kUncached && need_soft;
+  const bool keep_ce = cached && separate_ce && cache.use >= kStudentTerms;
   for (int64_t j0 = 0; j0 < vocab; j0 += kChunk) {
     const int64_t n = std::min(kChunk, vocab - j0);
+    acc_t* block = cached ? cache.block(j0) : nullptr;
+    acc_t* maxima = cached ? cache.maxima(j0) : nullptr;
     load_soft(args, view_a, student + j0, n, a);
     const acc_t max_a = chunk_max(a, n, bad_student);
     if (need_soft) {
@@ -516,15 +569,21 @@ KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, ac
       if constexpr (Div::kSumsFromStats) {
         accumulate_exp_with_support(a, b, n, max_a, max_b, anchor_a, anchor_b, side_a, side_b);
       } else {
-        accumulate_exp(a, n, max_a, side_a);
-        accumulate_exp(b, n, max_b, side_b);
+        accumulate_exp(a, n, max_a, side_a, cached ? block + kSlotQ : nullptr);
+        accumulate_exp(b, n, max_b, side_b, cached ? block + kSlotP : nullptr);
+        if (cached) {
+          maxima[0] = max_a;
+          maxima[1] = max_b;
+        }
       }
     } else {
       accumulate_exp(a, n, max_a, side_a);
     }
     if (separate_ce) {
       load_scaled(student + j0, n, acc_t(1), c);
-      accumulate_exp(c, n, chunk_max(c, n, bad_student), side_c);
+      const acc_t max_c = chunk_max(c, n, bad_student);
+      accumulate_exp(c, n, max_c, side_c, keep_ce ? block + slot_ce(cache.use) : nullptr);
+      if (keep_ce) maxima[2] = max_c;
     }
   }
   if (bad_student) return finish_without_loss(args, row, kStudentNonFinite);
@@ -561,16 +620,19 @@ KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, ac
   }
   if (!summed) {
     // Inlined, so that it is built for the ISA of the clone it runs in.
-    const auto sum_terms = [&](auto standardize, auto keep) __attribute__((always_inline)) {
-      return term_sums<Div, decltype(standardize)::value, decltype(keep)::value>(
-          args, student, teacher, view_a, view_b, norm_a, norm_b, params, a, b, cache);
+    const auto sum_terms = [&](auto use) __attribute__((always_inline)) {
+      constexpr int kUse = decltype(use)::value;
+      return args.standardize ? term_sums<Div, true, kUse>(args, student, teacher, view_a, view_b, norm_a, norm_b,
+                                                           params, a, b, cache)
+                              : term_sums<Div, false, kUse>(args, student, teacher, view_a, view_b, norm_a, norm_b,
+                                                            params, a, b, cache);
     };
     if constexpr (kCachesTerms<Div>) {
-      if (cache) sums = args.standardize ? sum_terms(std::true_type{}, std::true_type{})
-                                         : sum_terms(std::false_type{}, std::true_type{});
+      if (cache.use == kExpsOnly) sums = sum_terms(UseTag<kExpsOnly>{});
+      if (cache.use == kStudentTerms) sums = sum_terms(UseTag<kStudentTerms>{});
+      if (cache.use == kAllTerms) sums = sum_terms(UseTag<kAllTerms>{});
     }
-    if (!cache) sums = args.standardize ? sum_terms(std::true_type{}, std::false_type{})
-                                        : sum_terms(std::false_type{}, std::false_type{});
+    if (cache.use == kUncached) sums = sum_terms(UseTag<kUncached>{});
   }
   args.loss[row] = args.soft_weight * sums.value + args.hard_weight * ce;
   args.status[row] = kOk;
@@ -584,7 +646,7 @@ KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, ac
   write_gradients<Div>(args, params, row, y, need_soft, separate_ce,
                        {norm_a, norm_b, norm_c, view_a, view_b, args.soft_weight,
                         need_ce ? args.hard_weight : acc_t(0), sums.d_student, sums.d_teacher},
-                       a, b, c, summed ? nullptr : static_cast<const acc_t*>(cache));
+                       a, b, c, summed ? RowCache<acc_t>::none() : cache);
 }
 
 // The vocab-parallel stages (ShardStage) of one row of a rank's slice of the vocabulary; the
@@ -637,8 +699,8 @@ KD_INLINE void process_shard_row(const RowArgs<scalar_t, acc_t>& args, const Sha
   if (shard.stage == kShardSums) {  // read 2
     RowSums<acc_t> sums{};
     if (need_soft && !ignored) {
-      sums = term_sums<Div, false, false>(args, student, teacher, view, view, norm_a, norm_b, args.params, a, b,
-                                          static_cast<acc_t*>(nullptr));
+      sums = term_sums<Div, false, kUncached>(args, student, teacher, view, view, norm_a, norm_b, args.params, a, b,
+                                              RowCache<acc_t>::none());
     }
     const acc_t target_logit = need_ce && !ignored && local_y >= 0 ? static_cast<acc_t>(student[local_y]) : acc_t(0);
     const acc_t out[kShardSumsWidth] = {sums.value, sums.d_student, sums.d_teacher, target_logit};
@@ -647,12 +709,11 @@ KD_INLINE void process_shard_row(const RowArgs<scalar_t, acc_t>& args, const Sha
   }
 
   if (ignored) return zero_gradients(args, row);  // read 3
-  const acc_t* no_cache = nullptr;
   const acc_t* sums = shard.sums + row * kShardSumsWidth;
   write_gradients<Div>(args, args.params, row, local_y, need_soft, separate_ce,
                        {norm_a, norm_b, norm_c, view, view, args.soft_weight, need_ce ? args.hard_weight : acc_t(0),
                         sums[1], sums[2]},
-                       a, b, c, no_cache);
+                       a, b, c, RowCache<acc_t>::none());
 }
 
 // Whole rows, or with `shard` one vocab-parallel stage of them.
@@ -660,11 +721,16 @@ template <typename Div, typename scalar_t, typename acc_t>
 KD_INLINE void process_row_range(const RowArgs<scalar_t, acc_t>& args, const ShardArgs<acc_t>* shard, int64_t begin,
                                  int64_t end) {
   alignas(64) acc_t a[kChunk], b[kChunk], c[kChunk];
-  const bool caching = kCachesTerms<Div> && !shard && (args.grad_student || args.grad_teacher);
-  std::vector<acc_t> cache(caching ? (args.vocab + kChunk - 1) / kChunk * kTermBlock : 0);
+  const int use = !kCachesTerms<Div> || shard                   ? kUncached
+                  : args.grad_teacher                            ? kAllTerms
+                  : args.grad_student                            ? kStudentTerms
+                                                                 : kExpsOnly;
+  const int64_t chunks = (args.vocab + kChunk - 1) / kChunk;
+  std::vector<acc_t> storage(use == kUncached ? 0 : chunks * (block_width(use) + 3));
+  const RowCache<acc_t> cache{use, storage.data(), chunks};
   for (int64_t row = begin; row < end; ++row) {
     shard ? process_shard_row<Div>(args, *shard, row, a, b, c)
-          : process_row<Div>(args, row, a, b, c, caching ? cache.data() : nullptr);
+          : process_row<Div>(args, row, a, b, c, cache);
   }
 }
 
