@@ -1,7 +1,8 @@
 // CPU kernel of kd_loss, included by the kd_loss_cpu_part*.cpp files that instantiate it. Rows are spread over threads with at::parallel_for; each row is read
 // in chunks small enough for L1, converted to the accumulation type once per read.
 //   read 1: online (max, sum) statistics of student/T, teacher/T and, for the CE term at
-//           T != 1, student; for kSumsFromStats divergences also the support sums.
+//           T != 1, student; for kSumsFromStats divergences also the support sums, for the
+//           others the exps that read 2 and read 3 take from the row cache (RowCache).
 //   read 2: only for divergences without kSumsFromStats: row sums of the divergence terms;
 //           for adaptive KL, the head search (set_adaptive_weights: a read of both rows and
 //           one or two of the teacher) that weights its two KL terms.
@@ -721,10 +722,10 @@ template <typename Div, typename scalar_t, typename acc_t>
 KD_INLINE void process_row_range(const RowArgs<scalar_t, acc_t>& args, const ShardArgs<acc_t>* shard, int64_t begin,
                                  int64_t end) {
   alignas(64) acc_t a[kChunk], b[kChunk], c[kChunk];
-  const int use = !kCachesTerms<Div> || shard                   ? kUncached
-                  : args.grad_teacher                            ? kAllTerms
-                  : args.grad_student                            ? kStudentTerms
-                                                                 : kExpsOnly;
+  const int use = !kCachesTerms<Div> || shard ? kUncached
+                  : args.grad_teacher          ? kAllTerms
+                  : args.grad_student          ? kStudentTerms
+                                               : kExpsOnly;
   const int64_t chunks = (args.vocab + kChunk - 1) / kChunk;
   std::vector<acc_t> storage(use == kUncached ? 0 : chunks * (block_width(use) + 3));
   const RowCache<acc_t> cache{use, storage.data(), chunks};
