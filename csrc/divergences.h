@@ -21,9 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #if defined(__CUDACC__)
@@ -47,47 +45,24 @@ enum class Divergence : int {
   kAdaptiveKL = 7,
 };
 
-// The constants of the AB divergence (AlphaBeta below). Its three nodes x_q, m, x_p are
-// x_q + c * u with coefficients c = 0, alpha, alpha + beta; their order by c is fixed per call.
-enum AlphaBetaNode : int { kNodeQ = 0, kNodeM = 1, kNodeP = 2 };
-
-template <typename acc_t>
-struct BitsOf {
-  using type = std::conditional_t<sizeof(acc_t) == 8, uint64_t, uint32_t>;
-};
-
-// A one-hot choice among three values, fixed per call: all bits set in the chosen slot.
-template <typename acc_t>
-struct Choice {
-  typename BitsOf<acc_t>::type mask[3];
-};
-
-// The chosen value, bit for bit: a branch-free pick that vectorises, where a select on a
-// loop-invariant condition does not (the values not chosen may be inf or NaN).
-template <typename acc_t>
-KD_HD acc_t pick(const Choice<acc_t>& choice, acc_t x0, acc_t x1, acc_t x2) {
-  typename BitsOf<acc_t>::type b0, b1, b2;
-  std::memcpy(&b0, &x0, sizeof(x0));
-  std::memcpy(&b1, &x1, sizeof(x1));
-  std::memcpy(&b2, &x2, sizeof(x2));
-  const typename BitsOf<acc_t>::type bits = (b0 & choice.mask[0]) | (b1 & choice.mask[1]) | (b2 & choice.mask[2]);
-  acc_t x;
-  std::memcpy(&x, &bits, sizeof(x));
-  return x;
-}
-
 // Terms of the AB divergence's series in the spread of its nodes (AlphaBeta), enough that the
-// first left out is below the rounding error of acc_t.
+// first left out, at most (k + 1) / (k + 2)! 2^-k, is below the rounding error of acc_t.
 template <typename acc_t>
-constexpr int kNearTerms = sizeof(acc_t) == 8 ? 19 : 10;
+constexpr int kNearTerms = sizeof(acc_t) == 8 ? 19 : 8;
 
+// The constants of the AB divergence (AlphaBeta below), prepared on the host per call. Its three
+// nodes x_q = g log q, m = alpha log p + beta log q and x_p = g log p (g = alpha + beta) are
+// x_q + c u with c = 0, alpha, g and u = log p - log q. Ordered by c, node k is
+// node_teacher[k] * log p + node_student[k] * log q.
 template <typename acc_t>
 struct AlphaBetaParams {
-  acc_t alpha, beta;
-  acc_t inv_alpha, inv_beta, inv_sum;  // 1 / alpha, 1 / beta, 1 / (alpha + beta); inf for 0
-  acc_t spread;                        // c of the highest node minus the lowest c
-  Choice<acc_t> lowest, middle;        // the AlphaBetaNode with the lowest and the middle c
-  acc_t near[kNearTerms<acc_t>];       // coefficients of the series of exp[x_q, m, x_p] in spread * u
+  acc_t node_teacher[3], node_student[3];
+  acc_t gap[2], inv_gap[2];  // c of node 1 minus that of node 0, of node 2 minus node 1; 1 / gap, inf for 0
+  acc_t spread, inv_spread;  // gap[0] + gap[1], and 1 / spread (inf for 0)
+  // u exp[x_q, m] and u exp[m, x_p] as combinations of the adjacent pairs' u exp[node 0, node 1]
+  // and u exp[node 1, node 2]: (1, 0), (0, 1), or for the outer pair (r, 1 - r), r = gap[0] / spread.
+  acc_t to_qm[2], to_mp[2];
+  acc_t near[kNearTerms<acc_t>];  // coefficients of the series of exp[node 0, node 1, node 2] in spread * u
 };
 
 // The constants of a divergence, prepared on the host (make_divergence_params).
@@ -182,15 +157,26 @@ KD_HD Mixture<acc_t> mixture(acc_t lp, acc_t lq, const DivergenceParams<acc_t>& 
           teacher_term_larger ? ratio * inverse : inverse};
 }
 
+// 1 / (k + 1)! for k < kTerms, the coefficients of exp_ratio_series.
+template <typename acc_t, int kTerms>
+struct InverseFactorials {
+  acc_t value[kTerms];
+  constexpr InverseFactorials() : value{} {
+    double inverse = 1;
+    for (int k = 0; k < kTerms; ++k) value[k] = static_cast<acc_t>(inverse /= k + 1);
+  }
+};
+
 // Series of the divided differences of exp (AlphaBeta), for arguments below 1/2 in magnitude,
-// truncated below the rounding error of acc_t.
+// truncated below the rounding error of acc_t (the first term left out is 2^-kTerms / (kTerms + 1)!).
 // (e^d - 1) / d = sum_k d^k / (k + 1)!, which is exp[x, x + d] / e^x.
 template <typename acc_t>
 KD_HD acc_t exp_ratio_series(acc_t d) {
-  constexpr int kTerms = sizeof(acc_t) == 8 ? 17 : 8;
-  acc_t series = 1;
+  constexpr int kTerms = sizeof(acc_t) == 8 ? 16 : 8;
+  constexpr InverseFactorials<acc_t, kTerms> kCoefficients{};
+  acc_t series = kCoefficients.value[kTerms - 1];
   KD_UNROLL
-  for (int k = kTerms; k >= 1; --k) series = acc_t(1) + series * d * (acc_t(1) / acc_t(k + 1));
+  for (int k = kTerms - 2; k >= 0; --k) series = series * d + kCoefficients.value[k];
   return series;
 }
 
@@ -252,40 +238,37 @@ struct TVD {
 // divided differences of exp give
 //   f = u^2 exp[x_q, m, x_p],  p df/dp = u exp[m, x_p],  q df/dq = -u exp[x_q, m],
 // one formula continuous in (alpha, beta) across every special case: (1, 0) is forward KL,
-// (0, 1) reverse KL, (0, 0) half the squared log-ratio. In G_ab = u exp[a, b] the difference
-// (e^b - e^a) / (c_b - c_a) takes the place of a division by u, and a Taylor series that of the
-// difference where |(c_b - c_a) u| < 1/2; the second divided difference is the difference of
-// the two G of the nodes ordered by c over their c spread, or its series where the nodes lie
-// within 1/2: exp[x, x + y1, x + y2] / e^x = sum_k h_k(y1, y2) / (k + 2)! with h_k the complete
-// homogeneous polynomials, and as the nodes' offsets y1 = r y2 keep a ratio r fixed per call,
-// h_k(y1, y2) = y2^k h_k(r, 1): a polynomial in y2 = spread * u with coefficients prepared on the
-// host (near). Three exps and no division per entry.
+// (0, 1) reverse KL, (0, 0) half the squared log-ratio. With the nodes ordered by c, each
+// adjacent pair's G = u exp[a, b] is (e^b - e^a) / (c_b - c_a), or where |(c_b - c_a) u| < 1/2 a
+// Taylor series in place of that difference (no division by u); the outer pair's G is their
+// average weighted by the gaps, with no cancellation. f is the difference of the two adjacent G
+// over the spread of c, or where the nodes lie within 1/2 its series:
+// exp[x, x + y1, x + y2] / e^x = sum_k h_k(y1, y2) / (k + 2)! with h_k the complete homogeneous
+// polynomials, and as y1 = r y2 with r fixed per call, h_k(y1, y2) = y2^k h_k(r, 1): a polynomial
+// in y2 = spread * u with coefficients prepared on the host (near). Three exps and no division
+// per entry.
 struct AlphaBeta {
   static constexpr Divergence kId = Divergence::kAlphaBeta;
   static constexpr bool kSumsFromStats = false;
   template <typename acc_t>
-  static KD_HD acc_t g_pair(acc_t u, acc_t c, acc_t inv_c, acc_t e_a, acc_t e_b) {  // u exp[a, b], c_b - c_a = c
-    const acc_t d = c * u;
-    return d < acc_t(0.5) && d > acc_t(-0.5) ? u * e_a * exp_ratio_series(d) : (e_b - e_a) * inv_c;
+  static KD_HD acc_t g_pair(acc_t u, acc_t gap, acc_t inv_gap, acc_t e_a, acc_t e_b) {  // u exp[a, b]
+    const acc_t d = gap * u;
+    return d < acc_t(0.5) && d > acc_t(-0.5) ? u * e_a * exp_ratio_series(d) : (e_b - e_a) * inv_gap;
   }
   template <typename Math, typename acc_t>
   static KD_HD Terms<acc_t> terms(acc_t lp, acc_t lq, acc_t, acc_t, const DivergenceParams<acc_t>& prm) {
     const AlphaBetaParams<acc_t>& ab = prm.ab;
-    const acc_t u = lp - lq, g = ab.alpha + ab.beta;
-    const acc_t e_q = Math::exp(g * lq), e_m = Math::exp(ab.alpha * lp + ab.beta * lq), e_p = Math::exp(g * lp);
-    const acc_t g_qm = g_pair(u, ab.alpha, ab.inv_alpha, e_q, e_m);
-    const acc_t g_mp = g_pair(u, ab.beta, ab.inv_beta, e_m, e_p);
-    const acc_t g_qp = g_pair(u, g, ab.inv_sum, e_q, e_p);
-    const acc_t apart = pick(ab.middle, (g_qp - g_qm) * ab.inv_beta, (g_mp - g_qm) * ab.inv_sum,
-                             (g_mp - g_qp) * ab.inv_alpha);
-    const acc_t e_lowest = pick(ab.lowest, e_q, e_m, e_p);
+    const auto node_exp = [&](int k) { return Math::exp(ab.node_teacher[k] * lp + ab.node_student[k] * lq); };
+    const acc_t u = lp - lq, e_low = node_exp(0), e_middle = node_exp(1), e_high = node_exp(2);
+    const acc_t g_low = g_pair(u, ab.gap[0], ab.inv_gap[0], e_low, e_middle);
+    const acc_t g_high = g_pair(u, ab.gap[1], ab.inv_gap[1], e_middle, e_high);
     const acc_t spread_u = ab.spread * u;
     acc_t series = ab.near[kNearTerms<acc_t> - 1];
     KD_UNROLL
     for (int k = kNearTerms<acc_t> - 2; k >= 0; --k) series = series * spread_u + ab.near[k];
-    const acc_t near = u * u * e_lowest * series;
-    const acc_t value = spread_u < acc_t(0.5) && spread_u > acc_t(-0.5) ? near : apart;
-    return {value, -g_qm, g_mp};
+    const acc_t value = spread_u < acc_t(0.5) && spread_u > acc_t(-0.5) ? u * u * e_low * series
+                                                                        : (g_high - g_low) * ab.inv_spread;
+    return {value, -(ab.to_qm[0] * g_low + ab.to_qm[1] * g_high), ab.to_mp[0] * g_low + ab.to_mp[1] * g_high};
   }
 };
 
@@ -333,25 +316,39 @@ inline bool dispatch_divergence(Divergence divergence, Fn&& fn) {
   return false;
 }
 
-// The AB constants: the order of the nodes by their coefficient, the inverses, and the near
-// series' coefficients h_k(r, 1) / (k + 2)! = (1 + r + ... + r^k) / (k + 2)!, r the middle node's
-// offset over the spread (0 where the nodes coincide).
+// The AB constants: the nodes ordered by their coefficient c, the gaps and their inverses, the
+// adjacent pairs' weights in the two G of the gradient, and the near series' coefficients
+// h_k(r, 1) / (k + 2)! = (1 + r + ... + r^k) / (k + 2)!, r = gap[0] / spread (0 where the nodes
+// coincide).
 template <typename acc_t>
 AlphaBetaParams<acc_t> make_alpha_beta_params(double alpha, double beta) {
-  const double c[3] = {0.0, alpha, alpha + beta};  // AlphaBetaNode order
-  int order[3] = {kNodeQ, kNodeM, kNodeP};
+  enum Node { kQ = 0, kM = 1, kP = 2 };
+  const double c[3] = {0.0, alpha, alpha + beta};
+  const double teacher[3] = {0.0, alpha, alpha + beta}, student[3] = {alpha + beta, beta, 0.0};
+  int order[3] = {kQ, kM, kP};
   std::sort(order, order + 3, [&](int x, int y) { return c[x] < c[y]; });
   const auto inverse = [](double x) { return static_cast<acc_t>(1.0 / x); };  // inf for 0
-  const auto choice = [](int node) {
-    Choice<acc_t> chosen{};
-    chosen.mask[node] = ~typename BitsOf<acc_t>::type{0};
-    return chosen;
+  const double gap[2] = {c[order[1]] - c[order[0]], c[order[2]] - c[order[1]]}, spread = gap[0] + gap[1];
+  const double ratio = spread > 0 ? gap[0] / spread : 0.0;
+  AlphaBetaParams<acc_t> params{};
+  for (int k = 0; k < 3; ++k) {
+    params.node_teacher[k] = static_cast<acc_t>(teacher[order[k]]);
+    params.node_student[k] = static_cast<acc_t>(student[order[k]]);
+  }
+  for (int k = 0; k < 2; ++k) {
+    params.gap[k] = static_cast<acc_t>(gap[k]);
+    params.inv_gap[k] = inverse(gap[k]);
+  }
+  params.spread = static_cast<acc_t>(spread);
+  params.inv_spread = inverse(spread);
+  const auto set_pair_weights = [&](Node x, Node y, acc_t* weights) {
+    const auto rank = [&](Node node) { return static_cast<int>(std::find(order, order + 3, node) - order); };
+    const int low = std::min(rank(x), rank(y)), high = std::max(rank(x), rank(y));
+    weights[0] = static_cast<acc_t>(high == 1 ? 1.0 : low == 1 ? 0.0 : ratio);
+    weights[1] = static_cast<acc_t>(high == 1 ? 0.0 : low == 1 ? 1.0 : 1.0 - ratio);
   };
-  const double spread = c[order[2]] - c[order[0]];
-  AlphaBetaParams<acc_t> params{static_cast<acc_t>(alpha), static_cast<acc_t>(beta), inverse(alpha), inverse(beta),
-                                inverse(alpha + beta), static_cast<acc_t>(spread), choice(order[0]),
-                                choice(order[1]), {}};
-  const double ratio = spread > 0 ? (c[order[1]] - c[order[0]]) / spread : 0.0;
+  set_pair_weights(kQ, kM, params.to_qm);
+  set_pair_weights(kM, kP, params.to_mp);
   double h = 0, ratio_power = 1, inverse_factorial = 1;
   for (int k = 0; k < kNearTerms<acc_t>; ++k, ratio_power *= ratio) {
     h += ratio_power;

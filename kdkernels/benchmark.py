@@ -212,8 +212,8 @@ def _measure_in_subprocess(impl: str, rows: int, vocab: int, dtype: str, device:
 def environment(device: str) -> dict[str, Any]:
     info: dict[str, Any] = {
         "kdkernels": kdkernels.__version__, "torch": torch.__version__, "python": platform.python_version(),
-        "machine": platform.machine(), "processor": platform.processor(), "cpu_threads": torch.get_num_threads(),
-        "device": device,
+        "machine": platform.machine(), "processor": _cpu_model(), "cpu_isa": torch.backends.cpu.get_cpu_capability(),
+        "cpu_threads": torch.get_num_threads(), "device": device,
     }
     if device == "cuda":
         import triton
@@ -221,6 +221,16 @@ def environment(device: str) -> dict[str, Any]:
         info.update(device_name=torch.cuda.get_device_name(), cuda=torch.version.cuda, triton=triton.__version__,
                     driver=_nvidia_smi("driver_version"), copy_gbps=copy_bandwidth_gbps(device))
     return info
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), which platform.processor() leaves empty there."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+                        platform.processor())
+    except OSError:
+        return platform.processor()
 
 
 def _nvidia_smi(field: str) -> Optional[str]:
