@@ -4,7 +4,8 @@
 //   stats: one pass: the row sums, and the blocks' column sums of d = y - y[0] (shifted by the
 //          first row, so that a column that barely varies keeps its digits) and of their
 //          products and squares, from which the centred column sums follow;
-//   grad: one pass, the row's g and its dot with y_s, then the gradient.
+//   grad: one pass, the row's g (from per-column weights prepared once, contiguous) and its dot
+//         with y_s, then the gradient.
 // The row loops are cloned per x86 ISA level, as the kd_loss kernel.
 #include "../dist_loss.h"
 #include "cpu_common.h"
@@ -53,9 +54,8 @@ struct DistArgs {
   acc_t* column_parts;    // stats: [blocks, kColumnSums, C]
   const acc_t* shift_s;   // stats: y_s and y_t of row 0
   const acc_t* shift_t;
-  const acc_t* row_coef;  // grad: [N, 2], [C, 2] and column_stats [C, 5]
-  const acc_t* column_coef;
-  const acc_t* column_stats;
+  const acc_t* row_coef;         // grad: [N, 2]
+  const acc_t* column_weights;   // grad: ColumnWeights, kColumnWeights x C
   scalar_t* grad;
 };
 
@@ -91,35 +91,42 @@ KD_INLINE void stats_row(const DistArgs<scalar_t, acc_t>& args, int64_t block, i
   }
 }
 
+// The gradient's per-column weights, kColumnWeights rows of C: g of row i, less terms constant
+// along the row (which cancel in g - sum_k g y_s), is
+//   y_t[j] (row_coef[i, 0] + teacher[j]) - y_s[j] (row_coef[i, 1] + student[j]) + offset[j],
+// with teacher = column_coef[:, 0], student = column_coef[:, 1] and
+// offset = column_coef[:, 1] m_s - column_coef[:, 0] m_t.
+enum ColumnWeights : int { kTeacherWeight = 0, kStudentWeight = 1, kOffset = 2, kColumnWeights = 3 };
+
 template <typename scalar_t, typename acc_t>
-KD_INLINE void grad_row(const DistArgs<scalar_t, acc_t>& args, int64_t row, const acc_t* y_s, const acc_t* y_t) {
+KD_INLINE void grad_row(const DistArgs<scalar_t, acc_t>& args, int64_t row, const acc_t* y_s, const acc_t* y_t,
+                        acc_t* g) {
   const int64_t classes = args.classes;
-  const acc_t row_mean = acc_t(1) / static_cast<acc_t>(classes);
   const acc_t row_b = args.row_coef[row * 2], row_a = args.row_coef[row * 2 + 1];
-  const acc_t* cc = args.column_coef;
-  const acc_t* cs = args.column_stats;
-  const auto g = [&](int64_t j) {
-    return row_b * (y_t[j] - row_mean) - row_a * (y_s[j] - row_mean) + cc[j * 2] * (y_t[j] - cs[j * 5 + 1]) -
-           cc[j * 2 + 1] * (y_s[j] - cs[j * 5]);
-  };
+  const acc_t* teacher_weight = args.column_weights + kTeacherWeight * classes;
+  const acc_t* student_weight = args.column_weights + kStudentWeight * classes;
+  const acc_t* offset = args.column_weights + kOffset * classes;
   acc_t dot = 0;
 #pragma omp simd reduction(+ : dot)
-  for (int64_t j = 0; j < classes; ++j) dot += g(j) * y_s[j];
+  for (int64_t j = 0; j < classes; ++j) {
+    g[j] = y_t[j] * (row_b + teacher_weight[j]) - y_s[j] * (row_a + student_weight[j]) + offset[j];
+    dot += g[j] * y_s[j];
+  }
   scalar_t* out = args.grad + row * classes;
 #pragma omp simd
-  for (int64_t j = 0; j < classes; ++j) out[j] = static_cast<scalar_t>(args.inv_t * y_s[j] * (g(j) - dot));
+  for (int64_t j = 0; j < classes; ++j) out[j] = static_cast<scalar_t>(args.inv_t * y_s[j] * (g[j] - dot));
 }
 
 // The rows of blocks [begin, end): their softmaxes, then the stats or the gradient of each.
 template <bool kGrad, typename scalar_t, typename acc_t>
 KD_CPU_CLONES void dist_blocks(const DistArgs<scalar_t, acc_t>& args, int64_t begin, int64_t end, acc_t* y_s,
-                               acc_t* y_t) {
+                               acc_t* y_t, acc_t* g) {
   for (int64_t block = begin; block < end; ++block) {
     for (int64_t row = block * kRowBlock; row < std::min(args.rows, (block + 1) * kRowBlock); ++row) {
       softmax_row(args.student + row * args.student_stride, args.classes, args.inv_t, y_s);
       softmax_row(args.teacher + row * args.teacher_stride, args.classes, args.inv_t, y_t);
       if constexpr (kGrad) {
-        grad_row(args, row, y_s, y_t);
+        grad_row(args, row, y_s, y_t, g);
       } else {
         stats_row(args, block, row, y_s, y_t);
       }
@@ -131,8 +138,8 @@ template <bool kGrad, typename scalar_t, typename acc_t>
 void for_all_blocks(const DistArgs<scalar_t, acc_t>& args) {
   const int64_t blocks = (args.rows + kRowBlock - 1) / kRowBlock;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> y_s(args.classes), y_t(args.classes);
-    dist_blocks<kGrad>(args, begin, end, y_s.data(), y_t.data());
+    std::vector<acc_t> y_s(args.classes), y_t(args.classes), g(kGrad ? args.classes : 0);
+    dist_blocks<kGrad>(args, begin, end, y_s.data(), y_t.data(), g.data());
   });
 }
 
@@ -148,7 +155,7 @@ void dist_stats(const at::Tensor& student, const at::Tensor& teacher, double tem
   const DistArgs<scalar_t, acc_t> args{student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), student.stride(0),
                                        teacher.stride(0), rows, classes, inv_t, row_stats.data_ptr<acc_t>(),
                                        parts.data_ptr<acc_t>(), shift_s.data(), shift_t.data(), nullptr, nullptr,
-                                       nullptr, nullptr};
+                                       nullptr};
   for_all_blocks<false>(args);
   // The blocks' sums, then the column means and centred sums: sum (y - m)(y' - m') = sum d d' - N e e'
   // with e = mean of d.
@@ -175,11 +182,19 @@ template <typename scalar_t>
 void dist_grad(const at::Tensor& student, const at::Tensor& teacher, double temperature, const at::Tensor& row_c,
                const at::Tensor& column_c, const at::Tensor& stats, at::Tensor& grad) {
   using acc_t = at::opmath_type<scalar_t>;
+  const int64_t classes = student.size(1);
+  const acc_t* coef = column_c.data_ptr<acc_t>();
+  const acc_t* mean = stats.data_ptr<acc_t>();
+  std::vector<acc_t> weights(kColumnWeights * classes);
+  for (int64_t j = 0; j < classes; ++j) {
+    weights[kTeacherWeight * classes + j] = coef[j * 2];
+    weights[kStudentWeight * classes + j] = coef[j * 2 + 1];
+    weights[kOffset * classes + j] = coef[j * 2 + 1] * mean[j * 5] - coef[j * 2] * mean[j * 5 + 1];
+  }
   const DistArgs<scalar_t, acc_t> args{student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), student.stride(0),
-                                       teacher.stride(0), student.size(0), student.size(1),
+                                       teacher.stride(0), student.size(0), classes,
                                        static_cast<acc_t>(1.0 / temperature), nullptr, nullptr, nullptr, nullptr,
-                                       row_c.data_ptr<acc_t>(), column_c.data_ptr<acc_t>(), stats.data_ptr<acc_t>(),
-                                       grad.data_ptr<scalar_t>()};
+                                       row_c.data_ptr<acc_t>(), weights.data(), grad.data_ptr<scalar_t>()};
   for_all_blocks<true>(args);
 }
 
