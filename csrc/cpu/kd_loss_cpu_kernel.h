@@ -1,13 +1,14 @@
-// CPU kernel of kd_loss, included by the kd_loss_cpu_part*.cpp files that instantiate it. Rows are spread over threads with at::parallel_for; each row is read
-// in chunks small enough for L1, converted to the accumulation type once per read.
+// CPU kernel of kd_loss, included by the kd_loss_cpu_part*.cpp files that instantiate it. Rows
+// are spread over threads with at::parallel_for; each row is read in chunks small enough for L1,
+// converted to the accumulation type once per read.
 //   read 1: online (max, sum) statistics of student/T, teacher/T and, for the CE term at
-//           T != 1, student; for kSumsFromStats divergences also the support sums, for the
-//           others the exps that read 2 and read 3 take from the row cache (RowCache).
-//   read 2: only for divergences without kSumsFromStats: row sums of the divergence terms;
-//           for adaptive KL, the head search (set_adaptive_weights: a read of both rows and
-//           one or two of the teacher) that weights its two KL terms.
-//   read 3: the gradients (skipped when no gradient is wanted); after a read 2, from the
-//           terms and probabilities that it kept (kCachesTerms).
+//           T != 1, student; for kSumsFromStats divergences also the support sums; and the
+//           exps that read 2 and read 3 take from the row cache (RowCache).
+//   read 2: for divergences without kSumsFromStats, and for all with standardize: row sums
+//           of the divergence terms; for adaptive KL, the head search (set_adaptive_weights: a
+//           read of both rows and one or two of the teacher) that weights its two KL terms.
+//   read 3: the gradients (skipped when no gradient is wanted), from the kept exps, or after
+//           a read 2 from the terms and probabilities that it kept (kCachesTerms).
 // The inner loops are plain element loops that the compiler vectorises (omp simd); the
 // kernel is cloned per x86 ISA level and picked at load time.
 #pragma once
@@ -100,11 +101,12 @@ KD_INLINE acc_t softcap_slope(acc_t a, acc_t cap_scale) {
 }
 
 // Both inputs' exp sums plus the support sums (entries finite in both): mass and
-// mass-weighted log-ratio of anchored values for each side (SupportStats).
-template <typename acc_t>
+// mass-weighted log-ratio of anchored values for each side (SupportStats); with kKeep, also
+// keeps the exps of a and b in kept[i] and kept[kChunk + i].
+template <bool kKeep, typename acc_t>
 KD_INLINE void accumulate_exp_with_support(const acc_t* a, const acc_t* b, int64_t n, acc_t max_a,
                                            acc_t max_b, acc_t anchor_a, acc_t anchor_b,
-                                           OnlineSide<acc_t>& side_a, OnlineSide<acc_t>& side_b) {
+                                           OnlineSide<acc_t>& side_a, OnlineSide<acc_t>& side_b, acc_t* kept) {
   using Math = MathFor<acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const acc_t off_a = exp_offset(max_a), off_b = exp_offset(max_b);
@@ -112,6 +114,10 @@ KD_INLINE void accumulate_exp_with_support(const acc_t* a, const acc_t* b, int64
 #pragma omp simd reduction(+ : sum_a, sum_b, mass_a, mass_b, lr_a, lr_b)
   for (int64_t i = 0; i < n; ++i) {
     const acc_t ea = Math::exp(a[i] - off_a), eb = Math::exp(b[i] - off_b);
+    if constexpr (kKeep) {
+      kept[i] = ea;
+      kept[kChunk + i] = eb;
+    }
     const bool shared = (a[i] > kNegInf) & (b[i] > kNegInf);
     const acc_t diff = shared ? (a[i] - anchor_a) - (b[i] - anchor_b) : acc_t(0);
     sum_a += ea;
@@ -318,20 +324,21 @@ struct RowSums : Terms<acc_t> {
   RowSums(const Terms<acc_t>& t) : Terms<acc_t>(t) {}  // NOLINT(runtime/explicit)
 };
 
-// The row cache of the divergences with a read 2 (all but forward and reverse KL and adaptive
-// KL), per thread and chunk-major. Read 1 keeps each chunk's exps of student/T and teacher/T
-// (exp(x - chunk max)) with the chunk maxima, and read 2 scales them into q and p rather than
-// computing exps again. When gradients are wanted, read 2 also keeps what read 3 needs: each
-// entry's d_student and q (kStudentTerms: only the student's gradient is wanted) and also
-// d_teacher and p (kAllTerms), with read 1's exps of the raw student for the CE term at T != 1;
-// read 3 then computes no exp and, without softcap or standardize, reads no logits. The slots of
-// a chunk's block, kChunk floats each (kSlot* offsets):
-//   kExpsOnly:     q, p
+// The row cache, per thread and chunk-major. Read 1 keeps each chunk's exps of student/T and
+// teacher/T (exp(x - chunk max)) with the chunk maxima, and read 2 and read 3 scale them into q
+// and p rather than computing exps again; with gradients, read 1 also keeps the exps of the raw
+// student for the CE term at T != 1. For the divergences with a read 2 (kCachesTerms: all but
+// forward and reverse KL and adaptive KL), read 2 also keeps what read 3 needs when gradients are
+// wanted: each entry's d_student and q (kStudentTerms: only the student's gradient is wanted) and
+// also d_teacher and p (kAllTerms); read 3 then computes no terms and, without softcap or
+// standardize, reads no logits. The slots of a chunk's block, kChunk floats each (kSlot* offsets):
+//   kExpsOnly:     q, p, ce
 //   kStudentTerms: q, p then d_student, ce
 //   kAllTerms:     q, p, d_student, d_teacher, ce
 // then three chunk maxima (student/T, teacher/T, raw student) per chunk after the blocks. Up to
 // 5 V floats per thread (2.5 MiB at V = 128k), within L2 or L3 for the vocabularies of today's
-// models.
+// models. kUncached: nothing reads the exps (forward and reverse KL or adaptive KL without
+// gradients or standardize, and the vocab-parallel stages).
 template <typename Div>
 constexpr bool kCachesTerms = !Div::kSumsFromStats;
 enum CacheUse : int { kUncached = 0, kExpsOnly = 1, kStudentTerms = 2, kAllTerms = 3 };
@@ -340,9 +347,7 @@ using UseTag = std::integral_constant<int, kUse>;
 constexpr int64_t kSlotQ = 0, kSlotP = kChunk, kSlotDTeacher = 3 * kChunk;
 constexpr int64_t slot_d_student(int use) { return use == kAllTerms ? 2 * kChunk : kChunk; }
 constexpr int64_t slot_ce(int use) { return use == kAllTerms ? 4 * kChunk : 2 * kChunk; }
-constexpr int64_t block_width(int use) {
-  return kChunk * (use == kAllTerms ? 5 : use == kStudentTerms ? 3 : use == kExpsOnly ? 2 : 0);
-}
+constexpr int64_t block_width(int use) { return kChunk * (use == kAllTerms ? 5 : use == kUncached ? 0 : 3); }
 
 template <typename acc_t>
 struct RowCache {
@@ -438,15 +443,16 @@ struct GradientScales {
 };
 
 // Writes the gradients of one row's loss: the soft term (kSoft) through the softmax Jacobian
-// of the divergence terms (computed, or read from what term_sums kept in the row cache: kUse;
-// with kStudentTerms only the student's gradient), plus the CE term softmax(student) - onehot(y)
-// (from student/T when T = 1, else from the raw student logits in c or their kept exps:
-// kSeparateCE). a and b return the gradients.
+// of the divergence terms (computed from the logits and q, p, or read from what term_sums kept
+// in the row cache; kUse: where q, p and the terms come from, with kStudentTerms only the
+// student's gradient), plus the CE term softmax(student) - onehot(y) (from student/T when
+// T = 1, else from the raw student logits in c or their kept exps: kSeparateCE). a and b return
+// the gradients.
 template <typename Div, bool kSoft, bool kSeparateCE, int kUse, typename scalar_t, typename acc_t>
 KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, const DivergenceParams<acc_t> params, int64_t row,
                             int64_t y, const GradientScales<acc_t> g, acc_t* a, acc_t* b, acc_t* c,
                             const RowCache<acc_t> cache) {  // params, g and cache by value, as in term_sums
-  constexpr bool kCached = kUse != kUncached;
+  constexpr bool kCached = kUse != kUncached, kCachedTerms = kUse == kStudentTerms || kUse == kAllTerms;
   using Math = MathFor<acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const int64_t vocab = args.vocab;
@@ -454,11 +460,14 @@ KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, const Divergen
   const scalar_t* teacher = args.teacher + row * args.teacher_stride;
   // Cached terms need the soft values only for the softcap slope and the standardize coupling;
   // without those, zeros stand in for them (slope 1, no coupling term).
-  const bool load_values = !kCached || args.softcap != 0 || args.standardize;
+  const bool load_values = !kCachedTerms || args.softcap != 0 || args.standardize;
   for (int64_t j0 = 0; j0 < vocab; j0 += kChunk) {
     const int64_t n = std::min(kChunk, vocab - j0);
     const acc_t* block = kCached ? cache.block(j0) : nullptr;
-    const acc_t scale_c = kCached && kSeparateCE ? chunk_scale(g.norm_c, cache.maxima(j0)[2]) : acc_t(0);
+    const acc_t* maxima = kCached ? cache.maxima(j0) : nullptr;
+    const acc_t scale_a = kUse == kExpsOnly ? chunk_scale(g.norm_a, maxima[0]) : acc_t(0);
+    const acc_t scale_b = kUse == kExpsOnly && kSoft ? chunk_scale(g.norm_b, maxima[1]) : acc_t(0);
+    const acc_t scale_c = kCached && kSeparateCE ? chunk_scale(g.norm_c, maxima[2]) : acc_t(0);
     if (load_values) {
       load_soft(args, g.view_a, student + j0, n, a);
       if constexpr (kSoft && kUse != kStudentTerms) load_soft(args, g.view_b, teacher + j0, n, b);
@@ -469,7 +478,9 @@ KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, const Divergen
     if constexpr (kSeparateCE && !kCached) load_scaled(student + j0, n, acc_t(1), c);
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const acc_t q = kCached ? block[kSlotQ + i] : Math::exp(g.norm_a.log_prob(a[i]));
+      const acc_t q = kCachedTerms        ? block[kSlotQ + i]
+                      : kUse == kExpsOnly ? scaled_exp(block[kSlotQ + i], scale_a)
+                                          : Math::exp(g.norm_a.log_prob(a[i]));
       const acc_t ce_q = !kSeparateCE ? q
                          : kCached    ? scaled_exp(block[slot_ce(kUse) + i], scale_c)
                                       : Math::exp(g.norm_c.log_prob(c[i]));
@@ -477,14 +488,14 @@ KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, const Divergen
       acc_t grad_t = 0;
       if constexpr (kSoft) {
         acc_t d_student, d_teacher = 0, p = 0;
-        if constexpr (kCached) {
+        if constexpr (kCachedTerms) {
           d_student = block[slot_d_student(kUse) + i];
           if constexpr (kUse == kAllTerms) {
             d_teacher = block[kSlotDTeacher + i];
             p = block[kSlotP + i];
           }
         } else {
-          p = Math::exp(g.norm_b.log_prob(b[i]));
+          p = kUse == kExpsOnly ? scaled_exp(block[kSlotP + i], scale_b) : Math::exp(g.norm_b.log_prob(b[i]));
           const bool shared = (a[i] > kNegInf) & (b[i] > kNegInf);
           const acc_t lq = shared ? g.norm_a.log_prob(a[i]) : acc_t(0);
           const acc_t lp = shared ? g.norm_b.log_prob(b[i]) : acc_t(0);
@@ -510,7 +521,7 @@ KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, const Divergen
   }
 }
 
-// The gradients of one row, from what term_sums kept in `cache` where it did.
+// The gradients of one row, from what read 1 and term_sums kept in `cache` where they did.
 template <typename Div, typename scalar_t, typename acc_t>
 KD_INLINE void write_gradients(const RowArgs<scalar_t, acc_t>& args, const DivergenceParams<acc_t>& params,
                                int64_t row, int64_t y, bool soft, bool separate_ce, const GradientScales<acc_t>& scales,
@@ -522,13 +533,15 @@ KD_INLINE void write_gradients(const RowArgs<scalar_t, acc_t>& args, const Diver
   if constexpr (kCachesTerms<Div>) {
     if (soft && cache.use == kStudentTerms) return soft_row(UseTag<kStudentTerms>{});
     if (soft && cache.use == kAllTerms) return soft_row(UseTag<kAllTerms>{});
+  } else {
+    if (soft && cache.use == kExpsOnly) return soft_row(UseTag<kExpsOnly>{});
   }
   if (soft) return soft_row(UseTag<kUncached>{});
   separate_ce ? gradient_row<Div, false, true, kUncached>(args, params, row, y, scales, a, b, c, cache)
               : gradient_row<Div, false, false, kUncached>(args, params, row, y, scales, a, b, c, cache);
 }
 
-// One whole row, with the thread's row cache (kUncached for the divergences without a read 2).
+// One whole row, with the thread's row cache.
 template <typename Div, typename scalar_t, typename acc_t>
 KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, acc_t* a, acc_t* b, acc_t* c,
                            const RowCache<acc_t>& cache) {
@@ -557,7 +570,7 @@ KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, ac
   OnlineSide<acc_t> side_a, side_b, side_c;
   int bad_student = 0, bad_teacher = 0;
   const bool cached = cache.use != kUncached && need_soft;
-  const bool keep_ce = cached && separate_ce && cache.use >= kStudentTerms;
+  const bool keep_ce = cached && separate_ce && (args.grad_student || args.grad_teacher);
   for (int64_t j0 = 0; j0 < vocab; j0 += kChunk) {
     const int64_t n = std::min(kChunk, vocab - j0);
     acc_t* block = cached ? cache.block(j0) : nullptr;
@@ -568,14 +581,15 @@ KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, ac
       load_soft(args, view_b, teacher + j0, n, b);
       const acc_t max_b = chunk_max(b, n, bad_teacher);
       if constexpr (Div::kSumsFromStats) {
-        accumulate_exp_with_support(a, b, n, max_a, max_b, anchor_a, anchor_b, side_a, side_b);
+        cached ? accumulate_exp_with_support<true>(a, b, n, max_a, max_b, anchor_a, anchor_b, side_a, side_b, block)
+               : accumulate_exp_with_support<false>(a, b, n, max_a, max_b, anchor_a, anchor_b, side_a, side_b, block);
       } else {
         accumulate_exp(a, n, max_a, side_a, cached ? block + kSlotQ : nullptr);
         accumulate_exp(b, n, max_b, side_b, cached ? block + kSlotP : nullptr);
-        if (cached) {
-          maxima[0] = max_a;
-          maxima[1] = max_b;
-        }
+      }
+      if (cached) {
+        maxima[0] = max_a;
+        maxima[1] = max_b;
       }
     } else {
       accumulate_exp(a, n, max_a, side_a);
@@ -628,12 +642,11 @@ KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, ac
                               : term_sums<Div, false, kUse>(args, student, teacher, view_a, view_b, norm_a, norm_b,
                                                             params, a, b, cache);
     };
+    if (cache.use == kExpsOnly) sums = sum_terms(UseTag<kExpsOnly>{});
     if constexpr (kCachesTerms<Div>) {
-      if (cache.use == kExpsOnly) sums = sum_terms(UseTag<kExpsOnly>{});
       if (cache.use == kStudentTerms) sums = sum_terms(UseTag<kStudentTerms>{});
       if (cache.use == kAllTerms) sums = sum_terms(UseTag<kAllTerms>{});
     }
-    if (cache.use == kUncached) sums = sum_terms(UseTag<kUncached>{});
   }
   args.loss[row] = args.soft_weight * sums.value + args.hard_weight * ce;
   args.status[row] = kOk;
@@ -647,7 +660,7 @@ KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, ac
   write_gradients<Div>(args, params, row, y, need_soft, separate_ce,
                        {norm_a, norm_b, norm_c, view_a, view_b, args.soft_weight,
                         need_ce ? args.hard_weight : acc_t(0), sums.d_student, sums.d_teacher},
-                       a, b, c, summed ? RowCache<acc_t>::none() : cache);
+                       a, b, c, cache);
 }
 
 // The vocab-parallel stages (ShardStage) of one row of a rank's slice of the vocabulary; the
@@ -722,10 +735,13 @@ template <typename Div, typename scalar_t, typename acc_t>
 KD_INLINE void process_row_range(const RowArgs<scalar_t, acc_t>& args, const ShardArgs<acc_t>* shard, int64_t begin,
                                  int64_t end) {
   alignas(64) acc_t a[kChunk], b[kChunk], c[kChunk];
-  const int use = !kCachesTerms<Div> || shard ? kUncached
-                  : args.grad_teacher          ? kAllTerms
-                  : args.grad_student          ? kStudentTerms
-                                               : kExpsOnly;
+  // The row cache's use: none where no read after the first takes the exps (a read 2 or 3).
+  const bool gradients = args.grad_student || args.grad_teacher;
+  const bool later_reads = kCachesTerms<Div> || gradients || args.standardize;
+  int use = kUncached;
+  if (!shard && later_reads) {
+    use = !(kCachesTerms<Div> && gradients) ? kExpsOnly : args.grad_teacher ? kAllTerms : kStudentTerms;
+  }
   const int64_t chunks = (args.vocab + kChunk - 1) / kChunk;
   std::vector<acc_t> storage(use == kUncached ? 0 : chunks * (block_width(use) + 3));
   const RowCache<acc_t> cache{use, storage.data(), chunks};
