@@ -323,8 +323,9 @@ inline bool dispatch_divergence(Divergence divergence, Fn&& fn) {
 template <typename acc_t>
 AlphaBetaParams<acc_t> make_alpha_beta_params(double alpha, double beta) {
   enum Node { kQ = 0, kM = 1, kP = 2 };
-  const double c[3] = {0.0, alpha, alpha + beta};
-  const double teacher[3] = {0.0, alpha, alpha + beta}, student[3] = {alpha + beta, beta, 0.0};
+  // Node = c log p + student log q, with student written out rather than g - c, which would not
+  // give beta exactly.
+  const double c[3] = {0.0, alpha, alpha + beta}, student[3] = {alpha + beta, beta, 0.0};
   int order[3] = {kQ, kM, kP};
   std::sort(order, order + 3, [&](int x, int y) { return c[x] < c[y]; });
   const auto inverse = [](double x) { return static_cast<acc_t>(1.0 / x); };  // inf for 0
@@ -332,7 +333,7 @@ AlphaBetaParams<acc_t> make_alpha_beta_params(double alpha, double beta) {
   const double ratio = spread > 0 ? gap[0] / spread : 0.0;
   AlphaBetaParams<acc_t> params{};
   for (int k = 0; k < 3; ++k) {
-    params.node_teacher[k] = static_cast<acc_t>(teacher[order[k]]);
+    params.node_teacher[k] = static_cast<acc_t>(c[order[k]]);
     params.node_student[k] = static_cast<acc_t>(student[order[k]]);
   }
   for (int k = 0; k < 2; ++k) {
