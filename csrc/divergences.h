@@ -11,17 +11,19 @@
 //   dD/d(student_k / T) = d_student_k - q_k * sum_j d_student_j, and the same for the teacher.
 // The row sums of the three terms therefore decide the gradient. A divergence whose row sums
 // follow from the statistics of the first read (forward and reverse KL) sets kSumsFromStats
-// and provides row_sums(); the kernels then skip the reduction read.
+// and provides row_sums(); the kernels then skip the reduction read where anchors_hold().
 //
 // Adding a divergence: a struct with its kId, terms() (and row_sums() if kSumsFromStats), an
 // enum value, a case in dispatch_divergence() and, if it takes keyword arguments, their slot in
-// make_divergence_params(). Math supplies exp and log for the backend.
+// make_divergence_params(); one built on the mixture m of p and q derives from MixtureDivergence.
+// Math supplies exp and log for the backend.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__CUDACC__)
@@ -91,6 +93,17 @@ struct Terms {
 // large logits) from cancelling in lse_student - lse_teacher: the log-ratios stay small numbers.
 constexpr int kAnchorEntries = 16;
 
+// The statistics' row sums hold to within 6 bits of the (max, log_sum) form where each anchor
+// lies within kAnchorSlack of its row's max; a row whose first entries lie far below (masked by a
+// large finite negative, say) has its row sums summed from the terms in a read of their own.
+constexpr double kAnchorSlack = 64;
+template <typename acc_t>
+KD_HD bool anchors_hold(acc_t max_a, acc_t anchor_a, acc_t max_b, acc_t anchor_b) {
+  const acc_t gap_a = max_a - anchor_a, gap_b = max_b - anchor_b;
+  return gap_a <= acc_t(kAnchorSlack) && gap_a >= acc_t(-kAnchorSlack) && gap_b <= acc_t(kAnchorSlack) &&
+         gap_b >= acc_t(-kAnchorSlack);
+}
+
 // A row's log-normaliser log(sum exp x) kept as (max, log of the sum at that max): log-probs
 // are formed as (x - max) - log_sum, exact where x - max is, rather than x - lse with a
 // rounded lse, which loses digits when the logits are large.
@@ -138,23 +151,71 @@ struct ReverseKL {  // KL(q || p)
 
 template <typename acc_t>
 struct Mixture {
-  acc_t log_m, p_over_m, q_over_m;
+  acc_t log_m, q_over_m;
 };
 
-// log m and the ratios p / m, q / m of m = w * p + (1 - w) * q, from the log-probabilities:
-// the larger of the two weighted terms (compared through the logs of the weights) factored out,
+// log m and the ratio q / m of m = w * p + (1 - w) * q, from the log-probabilities: the larger of
+// the two weighted terms (compared through the logs of the weights) factored out,
 // m = p * (w + (1 - w) * q / p) or q * (w * p / q + 1 - w), so that the log's argument lies in
 // [w, 2w] or [1 - w, 2(1 - w)] and neither underflows; exact where p or q underflows, at w = 0
-// or 1, and (up to the rounding of w + (1 - w)) where p == q. One exp, one log, one division.
+// or 1, and (up to the rounding of w + (1 - w)) where p == q. The ratio is capped at the largest
+// finite value, which its zero weight then cancels where w is 0 or 1. One exp, one log, one
+// division.
 template <typename Math, typename acc_t>
 KD_HD Mixture<acc_t> mixture(acc_t lp, acc_t lq, const DivergenceParams<acc_t>& prm) {
+  constexpr acc_t kMax = std::numeric_limits<acc_t>::max();
   const bool teacher_term_larger = lp + prm.log_weight >= lq + prm.log_complement;
   const acc_t d = lq - lp;
-  const acc_t ratio = Math::exp(teacher_term_larger ? d : -d);
+  const acc_t exp_d = Math::exp(teacher_term_larger ? d : -d);
+  const acc_t ratio = exp_d < kMax ? exp_d : kMax;
   const acc_t factor = teacher_term_larger ? prm.weight + prm.complement * ratio : prm.weight * ratio + prm.complement;
   const acc_t inverse = acc_t(1) / factor;
-  return {(teacher_term_larger ? lp : lq) + Math::log(factor), teacher_term_larger ? inverse : ratio * inverse,
-          teacher_term_larger ? ratio * inverse : inverse};
+  return {(teacher_term_larger ? lp : lq) + Math::log(factor), teacher_term_larger ? ratio * inverse : inverse};
+}
+
+// The same from p and q themselves, m = w * p + (1 - w) * q directly: one log and one division.
+// The kernels' p and q are exact to a few ulp down to the smallest normal and off by less than
+// twice it below (flushed to 0), so m is exact to a few ulp where it is at least 2^-100 (2^-967
+// in double): the kernels take this form for a chunk where mixture_from_probabilities_exact()
+// shows that every entry's m is, and mixture() elsewhere.
+template <typename Math, typename acc_t>
+KD_HD Mixture<acc_t> mixture_from_probabilities(acc_t p, acc_t q, const DivergenceParams<acc_t>& prm) {
+  const acc_t m = prm.weight * p + prm.complement * q;
+  return {Math::log(m), q / m};
+}
+
+// Whether m >= 2^-100 (2^-967) at every entry of a chunk whose smallest log p and log q are
+// min_lp and min_lq: m >= w * p and m >= (1 - w) * q.
+template <typename acc_t>
+KD_HD bool mixture_from_probabilities_exact(acc_t min_lp, acc_t min_lq, const DivergenceParams<acc_t>& prm) {
+  constexpr acc_t kLogFloor =
+      (std::numeric_limits<acc_t>::min_exponent + std::numeric_limits<acc_t>::digits + 1) * 0.6931471805599453;
+  return min_lp + prm.log_weight >= kLogFloor || min_lq + prm.log_complement >= kLogFloor;
+}
+
+// The divergences built on the mixture (JSD, skew KL, skew reverse KL) take kFromProbabilities in
+// terms(): m from mixture_from_probabilities() rather than mixture().
+struct MixtureDivergence {};
+template <typename Div>
+constexpr bool kMixes = std::is_base_of_v<MixtureDivergence, Div>;
+
+template <typename Math, bool kFromProbabilities, typename acc_t>
+KD_HD Mixture<acc_t> mixture_for(acc_t lp, acc_t lq, acc_t p, acc_t q, const DivergenceParams<acc_t>& prm) {
+  if constexpr (kFromProbabilities) {
+    return mixture_from_probabilities<Math>(p, q, prm);
+  } else {
+    return mixture<Math>(lp, lq, prm);
+  }
+}
+
+// Div's terms, with m from p and q where kFromProbabilities and Div is a mixture divergence.
+template <typename Div, typename Math, bool kFromProbabilities, typename acc_t>
+KD_HD Terms<acc_t> divergence_terms(acc_t lp, acc_t lq, acc_t p, acc_t q, const DivergenceParams<acc_t>& prm) {
+  if constexpr (kMixes<Div>) {
+    return Div::template terms<Math, kFromProbabilities>(lp, lq, p, q, prm);
+  } else {
+    return Div::template terms<Math>(lp, lq, p, q, prm);
+  }
 }
 
 // 1 / (k + 1)! for k < kTerms, the coefficients of exp_ratio_series.
@@ -182,12 +243,12 @@ KD_HD acc_t exp_ratio_series(acc_t d) {
 
 // Generalised JSD: beta * KL(p || m) + (1 - beta) * KL(q || m), m = beta * p + (1 - beta) * q.
 // df/dq = (1 - beta) * log(q / m) and df/dp = beta * log(p / m).
-struct JSD {
+struct JSD : MixtureDivergence {
   static constexpr Divergence kId = Divergence::kJSD;
   static constexpr bool kSumsFromStats = false;
-  template <typename Math, typename acc_t>
+  template <typename Math, bool kFromProbabilities = false, typename acc_t>
   static KD_HD Terms<acc_t> terms(acc_t lp, acc_t lq, acc_t p, acc_t q, const DivergenceParams<acc_t>& prm) {
-    const acc_t log_m = mixture<Math>(lp, lq, prm).log_m;
+    const acc_t log_m = mixture_for<Math, kFromProbabilities>(lp, lq, p, q, prm).log_m;
     const acc_t d_teacher = prm.weight * p * (lp - log_m);
     const acc_t d_student = prm.complement * q * (lq - log_m);
     return {d_teacher + d_student, d_student, d_teacher};
@@ -195,27 +256,28 @@ struct JSD {
 };
 
 // Skew KL (DistiLLM): KL(p || m), m = w * p + (1 - w) * q with w = skew; w = 0 is forward KL.
-// q df/dq = -(1 - w) p q / m and p df/dp = f + p - w p^2 / m.
-struct SkewKL {
+// q df/dq = -(1 - w) p q / m and p df/dp = f + p - w p^2 / m = f + (1 - w) p q / m, the form
+// without cancellation as w nears 1.
+struct SkewKL : MixtureDivergence {
   static constexpr Divergence kId = Divergence::kSkewKL;
   static constexpr bool kSumsFromStats = false;
-  template <typename Math, typename acc_t>
+  template <typename Math, bool kFromProbabilities = false, typename acc_t>
   static KD_HD Terms<acc_t> terms(acc_t lp, acc_t lq, acc_t p, acc_t q, const DivergenceParams<acc_t>& prm) {
-    const Mixture<acc_t> m = mixture<Math>(lp, lq, prm);
-    const acc_t value = p * (lp - m.log_m);
-    return {value, -prm.complement * p * m.q_over_m, value + p - prm.weight * p * m.p_over_m};
+    const Mixture<acc_t> m = mixture_for<Math, kFromProbabilities>(lp, lq, p, q, prm);
+    const acc_t value = p * (lp - m.log_m), d_student = -prm.complement * p * m.q_over_m;
+    return {value, d_student, value - d_student};
   }
 };
 
 // Skew reverse KL: KL(q || m), m = (1 - skew) * p + skew * q; SkewKL with the roles swapped
 // (make_divergence_params prepares the weight of p, w = 1 - skew).
-struct SkewReverseKL {
+struct SkewReverseKL : MixtureDivergence {
   static constexpr Divergence kId = Divergence::kSkewReverseKL;
   static constexpr bool kSumsFromStats = false;
-  template <typename Math, typename acc_t>
+  template <typename Math, bool kFromProbabilities = false, typename acc_t>
   static KD_HD Terms<acc_t> terms(acc_t lp, acc_t lq, acc_t p, acc_t q, const DivergenceParams<acc_t>& prm) {
     const DivergenceParams<acc_t> swapped{prm.complement, prm.weight, prm.log_complement, prm.log_weight, {}, 0};
-    const Terms<acc_t> t = SkewKL::terms<Math>(lq, lp, q, p, swapped);
+    const Terms<acc_t> t = SkewKL::terms<Math, kFromProbabilities>(lq, lp, q, p, swapped);
     return {t.value, t.d_teacher, t.d_student};
   }
 };

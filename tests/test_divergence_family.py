@@ -127,15 +127,38 @@ def test_identities(divergence, keywords, equals, dtype):
     s = make_logits((6,), 500, dtype, seed=13)
     t = make_logits((6,), 500, dtype, seed=14)
     target = make_target((6,), 500, ignored=True)
+    _assert_divergences_agree(s, t, (divergence, keywords), (equals, {}), target=target, temperature=3.0)
+
+
+def _assert_divergences_agree(s, t, first, second, **options):
+    """kd_loss with the divergence (name, keywords) `first` equals it with `second`, in value and
+    in both gradients, to the rounding of s's dtype."""
     results = []
-    for name, extra in ((divergence, keywords), (equals, {})):
-        loss = kdk.kd_loss(s, t, target, divergence=name, temperature=3.0, reduction="none", **extra)
+    for name, extra in (first, second):
+        loss = kdk.kd_loss(s, t, divergence=name, reduction="none", **options, **extra)
         results.append((loss, torch.autograd.grad(loss.sum(), [s, t])))
     (loss, grads), (expected, expected_grads) = results
-    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    tolerance = 1e-12 if s.dtype == torch.float64 else 1e-5
     torch.testing.assert_close(loss.detach(), expected.detach(), rtol=tolerance, atol=tolerance)
     for grad, expected_grad in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected_grad, rtol=tolerance, atol=tolerance * expected_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("backend, dtype", [("cpu", torch.float64), ("cpu", torch.float32), ("triton", torch.float32)],
+                         ids=str)
+@pytest.mark.parametrize("divergence, equals", [("skew_kl", "forward_kl"), ("skew_reverse_kl", "reverse_kl")])
+def test_zero_skew_with_logits_far_apart(divergence, equals, backend, dtype):
+    """At skew 0 the mixture's ratio has weight 0, and with logits 1e4 apart it overflows: the
+    loss must still equal forward (reverse) KL, with no 0 * inf."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    s = make_logits((4,), 300, dtype, seed=40, requires_grad=False)
+    t = make_logits((4,), 300, dtype, seed=41, requires_grad=False)
+    s[0, :100] -= 1e4
+    t[1, :100] -= 1e4
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    _assert_divergences_agree(s, t, (divergence, {"skew": 0.0}), (equals, {}), temperature=2.0, backend=backend)
 
 
 @pytest.mark.parametrize("special, nearby", [

@@ -332,3 +332,31 @@ def test_offset_between_student_and_teacher_costs_no_precision(divergence, offse
     exact = reference.kd_loss(s.double(), t.double(), **options)
     assert (loss >= 0).all()
     torch.testing.assert_close(loss.double(), exact, rtol=1e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "akl"])
+@pytest.mark.parametrize("mask", [-1e4, -1e30, torch.finfo(torch.float32).min])
+def test_first_entries_masked_by_a_large_finite_value(divergence, mask, backend):
+    """Rows whose first entries hold a mask that is finite, not -inf (teacher, student, both):
+    the anchors lie far below the rows' maxima, and the row sums must not come from the anchored
+    statistics, which would cancel to inf or garbage."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    t = make_logits((4,), 600, torch.float32, seed=35, requires_grad=False)
+    s = make_logits((4,), 600, torch.float32, seed=36, requires_grad=False)
+    t[0, :20] = mask
+    s[1, :20] = mask
+    t[2, :20] = mask
+    s[2, :20] = mask
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    options = dict(divergence=divergence, reduction="none", temperature=2.0)
+    loss = kdk.kd_loss(s, t, backend=backend, **options)
+    grads = torch.autograd.grad(loss.sum(), [s, t])
+    s64, t64 = (x.detach().double().requires_grad_(True) for x in (s, t))
+    exact = reference.kd_loss(s64, t64, **options)
+    exact_grads = torch.autograd.grad(exact.sum(), [s64, t64])
+    torch.testing.assert_close(loss.double(), exact.detach(), rtol=1e-5, atol=1e-5)
+    for grad, exact_grad in zip(grads, exact_grads):
+        torch.testing.assert_close(grad.double(), exact_grad, rtol=1e-4, atol=1e-5 * exact_grad.abs().max().item())

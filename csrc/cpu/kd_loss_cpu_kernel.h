@@ -4,8 +4,8 @@
 //   read 1: online (max, sum) statistics of student/T, teacher/T and, for the CE term at
 //           T != 1, student; for kSumsFromStats divergences also the support sums; and the
 //           exps that read 2 and read 3 take from the row cache (RowCache).
-//   read 2: for divergences without kSumsFromStats, and for all with standardize: row sums
-//           of the divergence terms; for adaptive KL, the head search (set_adaptive_weights: a
+//   read 2: for divergences without kSumsFromStats, for all with standardize, and for rows
+//           whose anchors do not hold (anchors_hold): row sums of the divergence terms; for adaptive KL, the head search (set_adaptive_weights: a
 //           read of both rows and one or two of the teacher) that weights its two KL terms.
 //   read 3: the gradients (skipped when no gradient is wanted), from the kept exps, or after
 //           a read 2 from the terms and probabilities that it kept (kCachesTerms).
@@ -322,6 +322,16 @@ struct RowSums : Terms<acc_t> {
   acc_t student_moment = 0, student_mean = 0, teacher_moment = 0, teacher_mean = 0;
   RowSums() : Terms<acc_t>{0, 0, 0} {}
   RowSums(const Terms<acc_t>& t) : Terms<acc_t>(t) {}  // NOLINT(runtime/explicit)
+  RowSums& operator+=(const RowSums& other) {
+    this->value += other.value;
+    this->d_student += other.d_student;
+    this->d_teacher += other.d_teacher;
+    student_moment += other.student_moment;
+    student_mean += other.student_mean;
+    teacher_moment += other.teacher_moment;
+    teacher_mean += other.teacher_mean;
+    return *this;
+  }
 };
 
 // The row cache, per thread and chunk-major. Read 1 keeps each chunk's exps of student/T and
@@ -359,19 +369,74 @@ struct RowCache {
   KD_INLINE acc_t* maxima(int64_t j0) const { return data + chunks * block_width(use) + j0 / kChunk * 3; }
 };
 
+// Smallest finite entry of x[0:n] (+inf if none).
+template <typename acc_t>
+KD_INLINE acc_t finite_min(const acc_t* x, int64_t n) {
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  acc_t m = std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(min : m)
+  for (int64_t i = 0; i < n; ++i) m = x[i] > kNegInf && x[i] < m ? x[i] : m;
+  return m;
+}
+
+// term_sums of one chunk, whose soft values are in a and b; kFromProbabilities: the mixture of a
+// mixture divergence from p and q (divergence_terms).
+template <typename Div, bool kStandardize, int kUse, bool kFromProbabilities, typename acc_t>
+KD_INLINE RowSums<acc_t> chunk_term_sums(int64_t n, const acc_t* a, const acc_t* b, const LogNormaliser<acc_t> norm_a,
+                                         const LogNormaliser<acc_t> norm_b, const DivergenceParams<acc_t> params,
+                                         acc_t scale_a, acc_t scale_b, acc_t* block) {
+  // norm_a, norm_b and params by value: in registers, the loop can read them under a mask
+  // (a reference could alias a[] or b[], and the loop would not vectorise).
+  using Math = MathFor<acc_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  acc_t value = 0, d_student = 0, d_teacher = 0, s_moment = 0, s_mean = 0, t_moment = 0, t_mean = 0;
+#pragma omp simd reduction(+ : value, d_student, d_teacher, s_moment, s_mean, t_moment, t_mean)
+  for (int64_t i = 0; i < n; ++i) {
+    const bool shared = (a[i] > kNegInf) & (b[i] > kNegInf);
+    const acc_t lq = shared ? norm_a.log_prob(a[i]) : acc_t(0);
+    const acc_t lp = shared ? norm_b.log_prob(b[i]) : acc_t(0);
+    const acc_t q = kUse != kUncached ? scaled_exp(block[kSlotQ + i], scale_a)
+                                      : Math::exp(norm_a.log_prob(a[i]));  // 0 at -inf
+    const acc_t p = kUse != kUncached ? scaled_exp(block[kSlotP + i], scale_b) : Math::exp(norm_b.log_prob(b[i]));
+    const Terms<acc_t> t = divergence_terms<Div, Math, kFromProbabilities>(lp, lq, p, q, params);
+    const acc_t entry_d_student = shared ? t.d_student : acc_t(0), entry_d_teacher = shared ? t.d_teacher : acc_t(0);
+    value += shared ? t.value : acc_t(0);
+    d_student += entry_d_student;
+    d_teacher += entry_d_teacher;
+    if constexpr (kStandardize) {
+      const acc_t a_finite = a[i] > kNegInf ? a[i] : acc_t(0), b_finite = b[i] > kNegInf ? b[i] : acc_t(0);
+      s_moment += entry_d_student * a_finite;
+      s_mean += q * a_finite;
+      t_moment += entry_d_teacher * b_finite;
+      t_mean += p * b_finite;
+    }
+    if constexpr (kUse == kStudentTerms || kUse == kAllTerms) {
+      block[kSlotQ + i] = q;
+      block[slot_d_student(kUse) + i] = entry_d_student;
+    }
+    if constexpr (kUse == kAllTerms) {
+      block[kSlotP + i] = p;
+      block[kSlotDTeacher + i] = entry_d_teacher;
+    }
+  }
+  RowSums<acc_t> sums(Terms<acc_t>{value, d_student, d_teacher});
+  sums.student_moment = s_moment;
+  sums.student_mean = s_mean;
+  sums.teacher_moment = t_moment;
+  sums.teacher_mean = t_mean;
+  return sums;
+}
+
 // Read 2: the row sums of the divergence terms (and the standardize moments), from the exps in
 // `cache` (kUse, a CacheUse) or computing them (kUncached); with kStudentTerms and kAllTerms, the
-// entries' terms (d_student and d_teacher 0 where not shared) are kept there for read 3.
+// entries' terms (d_student and d_teacher 0 where not shared) are kept there for read 3. A
+// mixture divergence forms m from p and q in the chunks where that is exact.
 template <typename Div, bool kStandardize, int kUse, typename scalar_t, typename acc_t>
 KD_INLINE RowSums<acc_t> term_sums(const RowArgs<scalar_t, acc_t>& args, const scalar_t* student,
                                    const scalar_t* teacher, const SoftView<acc_t>& view_a,
                                    const SoftView<acc_t>& view_b, const LogNormaliser<acc_t> norm_a,
                                    const LogNormaliser<acc_t> norm_b, const DivergenceParams<acc_t> params, acc_t* a,
                                    acc_t* b, const RowCache<acc_t> cache) {
-  // norm_a, norm_b and params by value: in registers, the loop can read them under a mask
-  // (a reference could alias a[] or b[], and the loop would not vectorise).
-  using Math = MathFor<acc_t>;
-  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   RowSums<acc_t> sums;
   for (int64_t j0 = 0; j0 < args.vocab; j0 += kChunk) {
     const int64_t n = std::min(kChunk, args.vocab - j0);
@@ -381,43 +446,15 @@ KD_INLINE RowSums<acc_t> term_sums(const RowArgs<scalar_t, acc_t>& args, const s
     const acc_t scale_b = kUse != kUncached ? chunk_scale(norm_b, maxima[1]) : acc_t(0);
     load_soft(args, view_a, student + j0, n, a);
     load_soft(args, view_b, teacher + j0, n, b);
-    acc_t value = 0, d_student = 0, d_teacher = 0, s_moment = 0, s_mean = 0, t_moment = 0, t_mean = 0;
-#pragma omp simd reduction(+ : value, d_student, d_teacher, s_moment, s_mean, t_moment, t_mean)
-    for (int64_t i = 0; i < n; ++i) {
-      const bool shared = (a[i] > kNegInf) & (b[i] > kNegInf);
-      const acc_t lq = shared ? norm_a.log_prob(a[i]) : acc_t(0);
-      const acc_t lp = shared ? norm_b.log_prob(b[i]) : acc_t(0);
-      const acc_t q = kUse != kUncached ? scaled_exp(block[kSlotQ + i], scale_a)
-                                        : Math::exp(norm_a.log_prob(a[i]));  // 0 at -inf
-      const acc_t p = kUse != kUncached ? scaled_exp(block[kSlotP + i], scale_b) : Math::exp(norm_b.log_prob(b[i]));
-      const Terms<acc_t> t = Div::template terms<Math>(lp, lq, p, q, params);
-      const acc_t entry_d_student = shared ? t.d_student : acc_t(0), entry_d_teacher = shared ? t.d_teacher : acc_t(0);
-      value += shared ? t.value : acc_t(0);
-      d_student += entry_d_student;
-      d_teacher += entry_d_teacher;
-      if constexpr (kStandardize) {
-        const acc_t a_finite = a[i] > kNegInf ? a[i] : acc_t(0), b_finite = b[i] > kNegInf ? b[i] : acc_t(0);
-        s_moment += entry_d_student * a_finite;
-        s_mean += q * a_finite;
-        t_moment += entry_d_teacher * b_finite;
-        t_mean += p * b_finite;
-      }
-      if constexpr (kUse == kStudentTerms || kUse == kAllTerms) {
-        block[kSlotQ + i] = q;
-        block[slot_d_student(kUse) + i] = entry_d_student;
-      }
-      if constexpr (kUse == kAllTerms) {
-        block[kSlotP + i] = p;
-        block[kSlotDTeacher + i] = entry_d_teacher;
-      }
+    bool from_probabilities = false;
+    if constexpr (kMixes<Div>) {
+      from_probabilities = mixture_from_probabilities_exact(norm_b.log_prob(finite_min(b, n)),
+                                                            norm_a.log_prob(finite_min(a, n)), params);
     }
-    sums.value += value;
-    sums.d_student += d_student;
-    sums.d_teacher += d_teacher;
-    sums.student_moment += s_moment;
-    sums.student_mean += s_mean;
-    sums.teacher_moment += t_moment;
-    sums.teacher_mean += t_mean;
+    sums += from_probabilities
+                ? chunk_term_sums<Div, kStandardize, kUse, true>(n, a, b, norm_a, norm_b, params, scale_a, scale_b, block)
+                : chunk_term_sums<Div, kStandardize, kUse, false>(n, a, b, norm_a, norm_b, params, scale_a, scale_b,
+                                                                 block);
   }
   return sums;
 }
@@ -624,7 +661,7 @@ KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, ac
   RowSums<acc_t> sums{};
   bool summed = !need_soft;
   if constexpr (Div::kSumsFromStats) {
-    if (need_soft && !args.standardize) {
+    if (need_soft && !args.standardize && anchors_hold(norm_a.max, anchor_a, norm_b.max, anchor_b)) {
       sums = Div::row_sums(SupportStats<acc_t>{
           (norm_a.max - anchor_a) + norm_a.log_sum, (norm_b.max - anchor_b) + norm_b.log_sum,
           side_a.mass / side_a.sum, side_a.logratio / side_a.sum, side_b.mass / side_b.sum,
@@ -642,6 +679,7 @@ KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, ac
                               : term_sums<Div, false, kUse>(args, student, teacher, view_a, view_b, norm_a, norm_b,
                                                             params, a, b, cache);
     };
+    if (cache.use == kUncached) sums = sum_terms(UseTag<kUncached>{});
     if (cache.use == kExpsOnly) sums = sum_terms(UseTag<kExpsOnly>{});
     if constexpr (kCachesTerms<Div>) {
       if (cache.use == kStudentTerms) sums = sum_terms(UseTag<kStudentTerms>{});

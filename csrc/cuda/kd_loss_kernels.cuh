@@ -3,7 +3,8 @@
 //   read 1: online (max, sum) statistics of student/T, teacher/T and, for the CE term at
 //           T != 1, student; for kSumsFromStats divergences also the support sums. Each
 //           thread keeps running statistics; a block reduction merges them.
-//   read 2: only for divergences without kSumsFromStats: row sums of the divergence terms.
+//   read 2: for divergences without kSumsFromStats (and rows whose anchors do not hold):
+//           row sums of the divergence terms.
 //   read 3: the gradients (skipped when no gradient is wanted).
 // A row is read in packs of kVec elements (one 16-byte access) from its first 16-byte aligned
 // element on, the unaligned head and tail one element at a time; kVec = 1 is the scalar
@@ -472,12 +473,17 @@ __device__ __forceinline__ RowStatus process_row(const KernelArgs<scalar_t, acc_
   // Row sums of the divergence terms: from the statistics, or read 2.
   Terms<acc_t> sums{0, 0, 0};
   if (need_soft) {
+    bool from_stats = false;
     if constexpr (Div::kSumsFromStats) {
-      sums = Div::row_sums(SupportStats<acc_t>{stats.a.lse_above(anchor_a), stats.b.lse_above(anchor_b),
-                                               stats.a.mass(), stats.a.logratio(), stats.b.mass(),
-                                               stats.b.logratio()},
-                           args.params);
-    } else {
+      from_stats = anchors_hold(stats.a.max, anchor_a, stats.b.max, anchor_b);
+      if (from_stats) {
+        sums = Div::row_sums(SupportStats<acc_t>{stats.a.lse_above(anchor_a), stats.b.lse_above(anchor_b),
+                                                 stats.a.mass(), stats.a.logratio(), stats.b.mass(),
+                                                 stats.b.logratio()},
+                             args.params);
+      }
+    }
+    if (!from_stats) {
       TermSums<acc_t> part = TermSums<acc_t>::identity();
       for_each_pack<kVec>(vocab, r.head, [&](auto width, int j) {
         constexpr int n = decltype(width)::value;

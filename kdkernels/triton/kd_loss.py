@@ -70,10 +70,11 @@ def divergence_params(divergence: int, args: list[float], acc_dtype: torch.dtype
 
 @triton.jit
 def _log_mixture(lp, lq, weight, complement, log_weight, log_complement):
-    """log(w p + (1 - w) q) with the larger weighted term factored out (csrc/divergences.h)."""
+    """log(w p + (1 - w) q) with the larger weighted term factored out, the ratio capped where its
+    weight is 0 (csrc/divergences.h)."""
     teacher_larger = lp + log_weight >= lq + log_complement
     d = lq - lp
-    ratio = tl.exp(tl.where(teacher_larger, d, -d))
+    ratio = tl.minimum(tl.exp(tl.where(teacher_larger, d, -d)), 3.4e38)
     return tl.where(teacher_larger, lp, lq) + tl.log(
         tl.where(teacher_larger, weight + complement * ratio, weight * ratio + complement))
 
@@ -132,12 +133,12 @@ def _terms(lp, lq, p, q, weight, complement, log_weight, log_complement, ab_alph
         log_m = _log_mixture(lp, lq, weight, complement, log_weight, log_complement)
         value = p * (lp - log_m)
         d_student = -complement * p * tl.exp(lq - log_m)
-        d_teacher = value + p - weight * p * tl.exp(lp - log_m)
+        d_teacher = value - d_student
     elif DIVERGENCE == 4:  # KL(q || m), m = w p + (1 - w) q with w = 1 - skew
         log_m = _log_mixture(lp, lq, weight, complement, log_weight, log_complement)
         value = q * (lq - log_m)
         d_teacher = -weight * q * tl.exp(lp - log_m)
-        d_student = value + q - complement * q * tl.exp(lq - log_m)
+        d_student = value - d_teacher
     elif DIVERGENCE == 5:  # |p - q| / 2
         half_sign = tl.where(p > q, 0.5, tl.where(p < q, -0.5, 0.0))
         value = half_sign * (p - q)
@@ -551,7 +552,12 @@ def _kd_loss_kernel(
                     g_tail += tl.sum(tl.where(head, 0.0, error))
                 mix_weight = tl.where(g_head + g_tail > 0, g_head / (g_head + g_tail), 0.5)
                 mix_complement = tl.where(g_head + g_tail > 0, g_tail / (g_head + g_tail), 0.5)
+        # The statistics' sums hold where the anchors lie within 64 of the maxima (csrc/divergences.h,
+        # kAnchorSlack); elsewhere read 2 sums the terms.
+        from_stats = zero != zero
         if SUMS_FROM_STATS:
+            from_stats = (tl.abs(m_a - anchor_a) <= 64.0) & (tl.abs(m_b - anchor_b) <= 64.0)
+        if from_stats:
             value, sum_d_student, sum_d_teacher = _row_sums(
                 (m_a - anchor_a) + logz_a, (m_b - anchor_b) + logz_b, mass_a / z_a, lr_a / z_a,
                 mass_b / z_b, lr_b / z_b, mix_weight, mix_complement, DIVERGENCE)
