@@ -62,6 +62,25 @@ def test_matches_reference_with_ignored_rows(backend, dtype, vocab):
     torch.testing.assert_close(grad.double(), expected_grad, rtol=tolerance, atol=tolerance * expected_grad.abs().max())
 
 
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_largest_finite_teacher_logits_are_valid_input(backend):
+    """Teacher classes at -3.4e38 (the fp32 minimum, a finite mask) at T = 1 are input like any
+    other, on both kernels: not mistaken for -inf or NaN."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    s = make_logits((4,), 50, torch.float32, seed=5)
+    t = make_logits((4,), 50, torch.float32, seed=6, requires_grad=False)
+    t[:, 10:20] = torch.finfo(torch.float32).min
+    y = torch.tensor([1, 2, 3, 4])
+    loss = kdk.dkd_loss(s, t, y, temperature=1.0, backend=backend)
+    (grad,) = torch.autograd.grad(loss, [s])
+    s64 = s.detach().double().requires_grad_()
+    expected = kdk.reference.dkd_loss(s64, t.double(), y, temperature=1.0)
+    (expected_grad,) = torch.autograd.grad(expected, [s64])
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=2e-5, atol=2e-5 * expected_grad.abs().max())
+
 def test_gradcheck_fp64():
     s = make_logits((4,), 7, torch.float64, seed=5)
     t = make_logits((4,), 7, torch.float64, seed=6, requires_grad=False)

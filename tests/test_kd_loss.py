@@ -335,12 +335,14 @@ def test_offset_between_student_and_teacher_costs_no_precision(divergence, offse
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("softcap", [None, 20.0])
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "akl"])
 @pytest.mark.parametrize("mask", [-1e4, -1e30, torch.finfo(torch.float32).min])
-def test_first_entries_masked_by_a_large_finite_value(divergence, mask, backend):
+def test_first_entries_masked_by_a_large_finite_value(divergence, mask, softcap, backend):
     """Rows whose first entries hold a mask that is finite, not -inf (teacher, student, both):
     the anchors lie far below the rows' maxima, and the row sums must not come from the anchored
-    statistics, which would cancel to inf or garbage."""
+    statistics, which would cancel to inf or garbage. With softcap the masks map to -softcap,
+    the fp32 minimum too (it is finite)."""
     if backend == "triton":
         pytest.importorskip("triton")
     t = make_logits((4,), 600, torch.float32, seed=35, requires_grad=False)
@@ -351,7 +353,7 @@ def test_first_entries_masked_by_a_large_finite_value(divergence, mask, backend)
     s[2, :20] = mask
     s.requires_grad_(True)
     t.requires_grad_(True)
-    options = dict(divergence=divergence, reduction="none", temperature=2.0)
+    options = dict(divergence=divergence, reduction="none", temperature=2.0, softcap=softcap)
     loss = kdk.kd_loss(s, t, backend=backend, **options)
     grads = torch.autograd.grad(loss.sum(), [s, t])
     s64, t64 = (x.detach().double().requires_grad_(True) for x in (s, t))

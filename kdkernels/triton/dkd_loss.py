@@ -48,8 +48,8 @@ def _dkd_kernel(S, T, Y, W, LOSS, GS, STATUS, s_stride, t_stride, V, inv_t, temp
         inside = offs < V
         a = tl.load(s_row + offs, mask=inside, other=neg_inf).to(ACC) * inv_t
         b = tl.load(t_row + offs, mask=inside, other=neg_inf).to(ACC) * inv_t
-        bad_s += tl.sum((inside & ~(tl.abs(a) <= 3.0e38)).to(tl.int32))
-        bad_t += tl.sum((inside & ~(tl.abs(b) <= 3.0e38)).to(tl.int32))
+        bad_s += tl.sum((inside & ~(tl.abs(a) < float("inf"))).to(tl.int32))
+        bad_t += tl.sum((inside & ~(tl.abs(b) < float("inf"))).to(tl.int32))
         m_a, z_a = _online(m_a, z_a, a)
         m_b, z_b = _online(m_b, z_b, b)
         m_ra, z_ra = _online(m_ra, z_ra, tl.where(offs == y, neg_inf, a))

@@ -280,7 +280,7 @@ def _soft(x, center, scale, softcap, SOFTCAP: tl.constexpr):
     the row's standardize view; with softcap, softcap * tanh(x / softcap) / T (values that are not
     finite pass through: -inf stays masked, NaN and +inf are still found)."""
     if SOFTCAP:
-        finite = tl.abs(x) <= 3.0e38
+        finite = tl.abs(x) < float("inf")
         x = tl.where(finite, softcap * _tanh(tl.where(finite, x, 0.0) / softcap), x)
     return (x - center) * scale
 
