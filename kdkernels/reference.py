@@ -21,14 +21,21 @@ def _log_mixture(log_p: Tensor, log_q: Tensor, weight: float) -> Tensor:
     return torch.logaddexp(log_p + log_weight, log_q + log_complement)
 
 
-def _alpha_beta_terms(p: Tensor, q: Tensor, log_p: Tensor, log_q: Tensor, a: float, b: float) -> Tensor:
-    """The alpha-beta divergence's entries as ABKD writes them, with its special cases."""
+def _alpha_beta_terms(log_p: Tensor, log_q: Tensor, a: float, b: float) -> Tensor:
+    """The alpha-beta divergence's entries as ABKD writes them, with its special cases; the powers
+    as exp(k log x), whose gradients stay finite where x underflows to 0 (x**k's would be NaN)."""
+    def p_to(k: float) -> Tensor:
+        return torch.exp(k * log_p)
+
+    def q_to(k: float) -> Tensor:
+        return torch.exp(k * log_q)
+
     if a != 0 and b != 0 and a + b != 0:
-        return -(p**a * q**b - a / (a + b) * p ** (a + b) - b / (a + b) * q ** (a + b)) / (a * b)
+        return -(p_to(a) * q_to(b) - a / (a + b) * p_to(a + b) - b / (a + b) * q_to(a + b)) / (a * b)
     if a != 0 and b == 0:
-        return (p**a * (a * log_p - a * log_q) - p**a + q**a) / a**2
+        return (p_to(a) * (a * log_p - a * log_q) - p_to(a) + q_to(a)) / a**2
     if a == 0 and b != 0:
-        return (q**b * (b * log_q - b * log_p) - q**b + p**b) / b**2
+        return (q_to(b) * (b * log_q - b * log_p) - q_to(b) + p_to(b)) / b**2
     if a != 0:  # a = -b
         ratio = torch.exp(a * (log_q - log_p))
         return (torch.log(ratio) + 1 / ratio - 1) / a**2
@@ -77,7 +84,7 @@ def _divergence_rows(log_p: Tensor, log_q: Tensor, divergence: str, beta: float,
     elif divergence == "tvd":
         terms = 0.5 * (p - q).abs()
     elif divergence == "ab":
-        terms = _alpha_beta_terms(p, q, log_p, log_q, ab_alpha, ab_beta)
+        terms = _alpha_beta_terms(log_p, log_q, ab_alpha, ab_beta)
     elif divergence == "akl":
         terms = forward_weight * p * (log_p - log_q) + reverse_weight * q * (log_q - log_p)
     else:
