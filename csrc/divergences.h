@@ -154,38 +154,36 @@ struct Mixture {
   acc_t log_m, q_over_m;
 };
 
-// log m and the ratio q / m of m = w * p + (1 - w) * q, from the log-probabilities: the larger of
-// the two weighted terms (compared through the logs of the weights) factored out,
-// m = p * (w + (1 - w) * q / p) or q * (w * p / q + 1 - w), so that the log's argument lies in
-// [w, 2w] or [1 - w, 2(1 - w)] and neither underflows; exact where p or q underflows, at w = 0
-// or 1, and (up to the rounding of w + (1 - w)) where p == q. The ratio is capped at the largest
-// finite value, which its zero weight then cancels where w is 0 or 1. One exp, one log, one
-// division.
-template <typename Math, typename acc_t>
-KD_HD Mixture<acc_t> mixture(acc_t lp, acc_t lq, const DivergenceParams<acc_t>& prm) {
-  constexpr acc_t kMax = std::numeric_limits<acc_t>::max();
+// log m and the ratio q / m of m = w * p + (1 - w) * q: the larger of the two weighted terms
+// (compared through the logs of the weights) factored out, m = p * (w + (1 - w) * q / p) or
+// q * (w * p / q + 1 - w), so that the log's argument lies in [w, 2w] or [1 - w, 2(1 - w)] and
+// neither underflows; exact where p or q underflows, at w = 0 or 1, and (up to the rounding of
+// w + (1 - w)) where p == q, where m = p and identical inputs get terms of 0. The ratio of the
+// smaller probability to the larger is exp of their log-ratio, capped at the largest finite
+// value (which its zero weight cancels where w is 0 or 1); or, with kFromProbabilities, their
+// quotient. The kernels' p and q are exact to a few ulp down to the smallest normal and off by
+// less than twice it below (flushed to 0), so the quotient is exact where the larger weighted
+// term is at least 2^-100 (2^-967 in double), which the kernels check per chunk
+// (mixture_from_probabilities_exact). One log, one division, and an exp or a second division.
+template <typename Math, bool kFromProbabilities, typename acc_t>
+KD_HD Mixture<acc_t> mixture(acc_t lp, acc_t lq, acc_t p, acc_t q, const DivergenceParams<acc_t>& prm) {
   const bool teacher_term_larger = lp + prm.log_weight >= lq + prm.log_complement;
-  const acc_t d = lq - lp;
-  const acc_t exp_d = Math::exp(teacher_term_larger ? d : -d);
-  const acc_t ratio = exp_d < kMax ? exp_d : kMax;
+  acc_t ratio;
+  if constexpr (kFromProbabilities) {
+    ratio = (teacher_term_larger ? q : p) / (teacher_term_larger ? p : q);
+  } else {
+    constexpr acc_t kMax = std::numeric_limits<acc_t>::max();
+    const acc_t d = lq - lp;
+    const acc_t exp_d = Math::exp(teacher_term_larger ? d : -d);
+    ratio = exp_d < kMax ? exp_d : kMax;
+  }
   const acc_t factor = teacher_term_larger ? prm.weight + prm.complement * ratio : prm.weight * ratio + prm.complement;
   const acc_t inverse = acc_t(1) / factor;
   return {(teacher_term_larger ? lp : lq) + Math::log(factor), teacher_term_larger ? ratio * inverse : inverse};
 }
 
-// The same from p and q themselves, m = w * p + (1 - w) * q directly: one log and one division.
-// The kernels' p and q are exact to a few ulp down to the smallest normal and off by less than
-// twice it below (flushed to 0), so m is exact to a few ulp where it is at least 2^-100 (2^-967
-// in double): the kernels take this form for a chunk where mixture_from_probabilities_exact()
-// shows that every entry's m is, and mixture() elsewhere.
-template <typename Math, typename acc_t>
-KD_HD Mixture<acc_t> mixture_from_probabilities(acc_t p, acc_t q, const DivergenceParams<acc_t>& prm) {
-  const acc_t m = prm.weight * p + prm.complement * q;
-  return {Math::log(m), q / m};
-}
-
-// Whether m >= 2^-100 (2^-967) at every entry of a chunk whose smallest log p and log q are
-// min_lp and min_lq: m >= w * p and m >= (1 - w) * q.
+// Whether the larger weighted term w * p or (1 - w) * q is at least 2^-100 (2^-967) at every entry
+// of a chunk whose smallest log p and log q are min_lp and min_lq.
 template <typename acc_t>
 KD_HD bool mixture_from_probabilities_exact(acc_t min_lp, acc_t min_lq, const DivergenceParams<acc_t>& prm) {
   constexpr acc_t kLogFloor =
@@ -194,21 +192,12 @@ KD_HD bool mixture_from_probabilities_exact(acc_t min_lp, acc_t min_lq, const Di
 }
 
 // The divergences built on the mixture (JSD, skew KL, skew reverse KL) take kFromProbabilities in
-// terms(): m from mixture_from_probabilities() rather than mixture().
+// terms(), for mixture().
 struct MixtureDivergence {};
 template <typename Div>
 constexpr bool kMixes = std::is_base_of_v<MixtureDivergence, Div>;
 
-template <typename Math, bool kFromProbabilities, typename acc_t>
-KD_HD Mixture<acc_t> mixture_for(acc_t lp, acc_t lq, acc_t p, acc_t q, const DivergenceParams<acc_t>& prm) {
-  if constexpr (kFromProbabilities) {
-    return mixture_from_probabilities<Math>(p, q, prm);
-  } else {
-    return mixture<Math>(lp, lq, prm);
-  }
-}
-
-// Div's terms, with m from p and q where kFromProbabilities and Div is a mixture divergence.
+// Div's terms, a mixture divergence's with kFromProbabilities.
 template <typename Div, typename Math, bool kFromProbabilities, typename acc_t>
 KD_HD Terms<acc_t> divergence_terms(acc_t lp, acc_t lq, acc_t p, acc_t q, const DivergenceParams<acc_t>& prm) {
   if constexpr (kMixes<Div>) {
@@ -248,7 +237,7 @@ struct JSD : MixtureDivergence {
   static constexpr bool kSumsFromStats = false;
   template <typename Math, bool kFromProbabilities = false, typename acc_t>
   static KD_HD Terms<acc_t> terms(acc_t lp, acc_t lq, acc_t p, acc_t q, const DivergenceParams<acc_t>& prm) {
-    const acc_t log_m = mixture_for<Math, kFromProbabilities>(lp, lq, p, q, prm).log_m;
+    const acc_t log_m = mixture<Math, kFromProbabilities>(lp, lq, p, q, prm).log_m;
     const acc_t d_teacher = prm.weight * p * (lp - log_m);
     const acc_t d_student = prm.complement * q * (lq - log_m);
     return {d_teacher + d_student, d_student, d_teacher};
@@ -263,7 +252,7 @@ struct SkewKL : MixtureDivergence {
   static constexpr bool kSumsFromStats = false;
   template <typename Math, bool kFromProbabilities = false, typename acc_t>
   static KD_HD Terms<acc_t> terms(acc_t lp, acc_t lq, acc_t p, acc_t q, const DivergenceParams<acc_t>& prm) {
-    const Mixture<acc_t> m = mixture_for<Math, kFromProbabilities>(lp, lq, p, q, prm);
+    const Mixture<acc_t> m = mixture<Math, kFromProbabilities>(lp, lq, p, q, prm);
     const acc_t value = p * (lp - m.log_m), d_student = -prm.complement * p * m.q_over_m;
     return {value, d_student, value - d_student};
   }

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kdkernels as kdk
-from conftest import assert_matches_reference, make_logits, make_target
+from conftest import DIVERGENCE_CASES, assert_matches_reference, make_logits, make_target
 
 Tensor = torch.Tensor
 
@@ -194,6 +194,19 @@ def test_alpha_beta_is_continuous_at_its_special_cases(special, nearby, dtype):
     torch.testing.assert_close(near_loss.detach(), loss.detach(), rtol=tolerance, atol=0.0)
     for grad, near_grad in zip(grads, near_grads):
         torch.testing.assert_close(near_grad, grad, rtol=tolerance, atol=tolerance * grad.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("divergence", list(DIVERGENCE_CASES))
+def test_identical_distributions_give_exactly_zero(divergence, backend):
+    """A student identical to its teacher: every divergence is exactly 0, not rounding noise (the
+    mixture divergences factor m = p out where p == q)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    s = make_logits((4,), 3000, torch.float32, seed=44, requires_grad=False)
+    loss = kdk.kd_loss(s, s.clone(), divergence=divergence, temperature=2.0, reduction="none", backend=backend,
+                       **DIVERGENCE_CASES[divergence])
+    assert torch.all(loss == 0), loss
 
 
 def test_tvd_of_identical_distributions_has_zero_gradient():

@@ -379,8 +379,8 @@ KD_INLINE acc_t finite_min(const acc_t* x, int64_t n) {
   return m;
 }
 
-// term_sums of one chunk, whose soft values are in a and b; kFromProbabilities: the mixture of a
-// mixture divergence from p and q (divergence_terms).
+// term_sums of one chunk, whose soft values are in a and b; kFromProbabilities: a mixture
+// divergence's ratio of p and q as their quotient (mixture()).
 template <typename Div, bool kStandardize, int kUse, bool kFromProbabilities, typename acc_t>
 KD_INLINE RowSums<acc_t> chunk_term_sums(int64_t n, const acc_t* a, const acc_t* b, const LogNormaliser<acc_t> norm_a,
                                          const LogNormaliser<acc_t> norm_b, const DivergenceParams<acc_t> params,
@@ -430,7 +430,7 @@ KD_INLINE RowSums<acc_t> chunk_term_sums(int64_t n, const acc_t* a, const acc_t*
 // Read 2: the row sums of the divergence terms (and the standardize moments), from the exps in
 // `cache` (kUse, a CacheUse) or computing them (kUncached); with kStudentTerms and kAllTerms, the
 // entries' terms (d_student and d_teacher 0 where not shared) are kept there for read 3. A
-// mixture divergence forms m from p and q in the chunks where that is exact.
+// mixture divergence divides p and q for its mixture in the chunks where that is exact.
 template <typename Div, bool kStandardize, int kUse, typename scalar_t, typename acc_t>
 KD_INLINE RowSums<acc_t> term_sums(const RowArgs<scalar_t, acc_t>& args, const scalar_t* student,
                                    const scalar_t* teacher, const SoftView<acc_t>& view_a,
