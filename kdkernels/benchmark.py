@@ -209,6 +209,19 @@ def _measure_in_subprocess(impl: str, rows: int, vocab: int, dtype: str, device:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _pooled(rounds: list[dict]) -> dict:
+    """One configuration's measurements over the rounds as one: the median of all their times, the
+    largest peak; an error if any round had one."""
+    failed = next((r for r in rounds if "median_ms" not in r), None)
+    if failed is not None:
+        return failed
+    times = [t for r in rounds for t in r["times_ms"]]
+    median = statistics.median(times)
+    peak = max(rounds, key=lambda r: r["peak_bytes"])
+    return dict(rounds[0], median_ms=median, times_ms=times, gbps=rounds[0]["minimal_bytes"] / median / 1e6,
+                peak_bytes=peak["peak_bytes"], peak_in_gradients=peak["peak_in_gradients"], rounds=len(rounds))
+
+
 def environment(device: str) -> dict[str, Any]:
     info: dict[str, Any] = {
         "kdkernels": kdkernels.__version__, "torch": torch.__version__, "python": platform.python_version(),
@@ -244,20 +257,24 @@ def _nvidia_smi(field: str) -> Optional[str]:
 
 def run(rows: int, vocabs: list[int], dtypes: list[str], device: str, repeats: int,
         impls: Optional[tuple[str, ...]] = None, json_path: Optional[str] = None,
-        divergences: tuple[str, ...] = ("forward_kl",)) -> list[dict]:
+        divergences: tuple[str, ...] = ("forward_kl",), rounds: int = 1) -> list[dict]:
     """Measures every configuration, prints the table with ratios, optionally writes JSON (and,
-    with matplotlib installed, a PNG plot beside it). Liger is timed with forward_kl only."""
+    with matplotlib installed, a PNG plot beside it). Liger is timed with forward_kl only. With
+    rounds > 1 the configurations are measured round-robin that many times and each one's times
+    pooled, so that a slow drift of the machine falls on all of them alike rather than on the
+    ones measured last."""
     impls = impls or DEFAULT_IMPLEMENTATIONS[device]
     measure_one = _measure_in_subprocess if device == "cpu" else _measure_here
-    results = []
-    for vocab in vocabs:
-        for dtype in dtypes:
-            for divergence in divergences:
-                for impl in impls:
-                    if impl == "liger" and divergence != "forward_kl":
-                        continue
-                    results.append(measure_one(impl, rows, vocab, dtype, device, repeats, divergence))
-                    print(json.dumps({k: v for k, v in results[-1].items() if k != "times_ms"}), flush=True)
+    configs = [(vocab, dtype, divergence, impl) for vocab in vocabs for dtype in dtypes for divergence in divergences
+               for impl in impls if impl != "liger" or divergence == "forward_kl"]
+    measured: dict[tuple, list[dict]] = {config: [] for config in configs}
+    for _ in range(rounds):
+        for vocab, dtype, divergence, impl in configs:
+            measured[vocab, dtype, divergence, impl].append(
+                measure_one(impl, rows, vocab, dtype, device, repeats, divergence))
+    results = [_pooled(measured[config]) for config in configs]
+    for result in results:
+        print(json.dumps({k: v for k, v in result.items() if k != "times_ms"}), flush=True)
     env = environment(device)
     print(format_table(results, env.get("copy_gbps")))
     if json_path:
@@ -334,6 +351,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure the configurations round-robin this many times, pooling their times")
     parser.add_argument("--impl", nargs="+", default=None, choices=IMPLEMENTATIONS,
                         help="default: all that apply to the device")
     parser.add_argument("--divergence", nargs="+", default=["forward_kl"], choices=list(DIVERGENCE_KEYWORDS),
@@ -344,7 +363,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> list[dict]:
     """run() with the options of add_arguments()."""
     return run(args.rows, args.vocab, args.dtype, args.device, args.repeats, args.impl and tuple(args.impl),
-               args.json_path, tuple(args.divergence))
+               args.json_path, tuple(args.divergence), args.rounds)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

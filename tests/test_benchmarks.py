@@ -1,6 +1,7 @@
-"""The benchmark modules run (tiny shapes): every implementation the fused-linear benchmark times
-yields a time and a peak, and the table compares each with its unfused path; the vocab-parallel
-benchmark script runs its 2 processes end to end."""
+"""The benchmark modules run (tiny shapes): `kdkernels bench` pools its rounds per configuration;
+every implementation the fused-linear benchmark times yields a time and a peak, and the table
+compares each with its unfused path; the vocab-parallel benchmark script runs its 2 processes end
+to end."""
 
 from __future__ import annotations
 
@@ -11,7 +12,17 @@ import sys
 
 import pytest
 
-from kdkernels import benchmark_fused_linear
+from kdkernels import benchmark, benchmark_fused_linear
+
+
+def test_bench_pools_the_rounds_of_each_configuration(tmp_path):
+    out = tmp_path / "bench.json"
+    benchmark.run(8, [300], ["float32"], "cpu", 2, ("kdkernels",), str(out), ("forward_kl", "ab"), rounds=2)
+    results = json.loads(out.read_text())["results"]
+    assert [r["divergence"] for r in results] == ["forward_kl", "ab"]
+    for r in results:
+        assert r["rounds"] == 2 and len(r["times_ms"]) == 4 and r["median_ms"] > 0
+        assert r["gbps"] == pytest.approx(r["minimal_bytes"] / r["median_ms"] / 1e6)
 
 
 def test_fused_linear_benchmark_measures_every_implementation():

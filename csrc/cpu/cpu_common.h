@@ -23,36 +23,41 @@ namespace cpu {
 
 constexpr int64_t kChunk = 256;
 
-// Float exp and log for the vector loops: Cephes' polynomials (about 1 ulp), branch-free so
-// that they vectorise. exp underflows to exactly 0 below -87, so exp(-inf) = 0; log expects a
-// positive normal argument.
+// Float exp and log for the vector loops, branch-free so that they vectorise. exp: Cephes' range
+// reduction and a degree-6 minimax polynomial (about 1 ulp), its scale built from the bits of the
+// rounding sum; it underflows to exactly 0 below -87 (so exp(-inf) = 0), where the unclamped
+// reduction's garbage is masked, and saturates at exp(88). log: Cephes' polynomial (about 1 ulp)
+// after a reduction in integer arithmetic; it expects a positive normal argument.
 struct FastMath {
   static KD_INLINE float exp(float x) {
-    const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    const float xc = x > 88.0f ? 88.0f : x;
+    const float rounding_sum = xc * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23 + round(xc / ln 2)
+    const float n = rounding_sum - 12582912.0f;
     const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
-    float poly = 1.9875691500e-4f;
-    poly = poly * r + 1.3981999507e-3f;
-    poly = poly * r + 8.3334519073e-3f;
-    poly = poly * r + 4.1665795894e-2f;
-    poly = poly * r + 1.6666665459e-1f;
-    poly = poly * r + 5.0000001201e-1f;
-    poly = poly * r * r + r + 1.0f;
-    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+    float poly = 1.3879691250622272e-3f;
+    poly = poly * r + 8.36869329214096e-3f;
+    poly = poly * r + 4.166722670197487e-2f;
+    poly = poly * r + 1.666652113199234e-1f;
+    poly = poly * r + 4.999999701976776e-1f;
+    poly = poly * (r * r) + r + 1.0f;
+    uint32_t sum_bits;
+    std::memcpy(&sum_bits, &rounding_sum, sizeof(sum_bits));
+    const uint32_t bits = (sum_bits << 23) + (127u << 23);  // the sum's low bits hold n
     float scale;
     std::memcpy(&scale, &bits, sizeof(scale));
     return x < -87.0f ? 0.0f : poly * scale;
   }
   static KD_INLINE float log(float x) {
-    int32_t bits;
+    // x = 2^e * (1 + m) with 1 + m in [sqrt(1/2), sqrt(2)): adding the bits of 1 minus those of
+    // sqrt(1/2) carries into the exponent exactly where the significand is at least sqrt(2).
+    uint32_t bits;
     std::memcpy(&bits, &x, sizeof(bits));
-    float e = static_cast<float>(((bits >> 23) & 0xff) - 126);
-    const int32_t mantissa_bits = (bits & 0x007fffff) | 0x3f000000;
-    float m;
-    std::memcpy(&m, &mantissa_bits, sizeof(m));
-    const bool below_sqrt_half = m < 0.707106781186547524f;
-    e = below_sqrt_half ? e - 1.0f : e;
-    m = below_sqrt_half ? m + m - 1.0f : m - 1.0f;
+    bits += 0x3f800000u - 0x3f3504f3u;
+    const float e = static_cast<float>(static_cast<int32_t>(bits >> 23) - 0x7f);
+    const uint32_t mantissa_bits = (bits & 0x007fffffu) + 0x3f3504f3u;
+    float mantissa;
+    std::memcpy(&mantissa, &mantissa_bits, sizeof(mantissa));
+    const float m = mantissa - 1.0f;
     const float z = m * m;
     float y = 7.0376836292e-2f;
     y = y * m - 1.1514610310e-1f;
