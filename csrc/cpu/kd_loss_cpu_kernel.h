@@ -5,8 +5,9 @@
 //           T != 1, student; for kSumsFromStats divergences also the support sums; and the
 //           exps that read 2 and read 3 take from the row cache (RowCache).
 //   read 2: for divergences without kSumsFromStats, for all with standardize, and for rows
-//           whose anchors do not hold (anchors_hold): row sums of the divergence terms; for adaptive KL, the head search (set_adaptive_weights: a
-//           read of both rows and one or two of the teacher) that weights its two KL terms.
+//           whose anchors do not hold (anchors_hold): row sums of the divergence terms; for
+//           adaptive KL, the head search (set_adaptive_weights: a read of both rows and one or
+//           two of the teacher) that weights its two KL terms.
 //   read 3: the gradients (skipped when no gradient is wanted), from the kept exps, or after
 //           a read 2 from the terms and probabilities that it kept (kCachesTerms).
 // The inner loops are plain element loops that the compiler vectorises (omp simd); the
@@ -451,10 +452,10 @@ KD_INLINE RowSums<acc_t> term_sums(const RowArgs<scalar_t, acc_t>& args, const s
       from_probabilities = mixture_from_probabilities_exact(norm_b.log_prob(finite_min(b, n)),
                                                             norm_a.log_prob(finite_min(a, n)), params);
     }
-    sums += from_probabilities
-                ? chunk_term_sums<Div, kStandardize, kUse, true>(n, a, b, norm_a, norm_b, params, scale_a, scale_b, block)
-                : chunk_term_sums<Div, kStandardize, kUse, false>(n, a, b, norm_a, norm_b, params, scale_a, scale_b,
-                                                                 block);
+    sums += from_probabilities ? chunk_term_sums<Div, kStandardize, kUse, true>(n, a, b, norm_a, norm_b, params,
+                                                                                scale_a, scale_b, block)
+                               : chunk_term_sums<Div, kStandardize, kUse, false>(n, a, b, norm_a, norm_b, params,
+                                                                                 scale_a, scale_b, block);
   }
   return sums;
 }
