@@ -178,8 +178,7 @@ KD_HD Mixture<acc_t> mixture(acc_t lp, acc_t lq, acc_t p, acc_t q, const Diverge
     ratio = exp_d < kMax ? exp_d : kMax;
   }
   const acc_t factor = teacher_term_larger ? prm.weight + prm.complement * ratio : prm.weight * ratio + prm.complement;
-  const acc_t inverse = acc_t(1) / factor;
-  return {(teacher_term_larger ? lp : lq) + Math::log(factor), teacher_term_larger ? ratio * inverse : inverse};
+  return {(teacher_term_larger ? lp : lq) + Math::log(factor), (teacher_term_larger ? ratio : acc_t(1)) / factor};
 }
 
 // Whether the larger weighted term w * p or (1 - w) * q is at least 2^-100 (2^-967) at every entry

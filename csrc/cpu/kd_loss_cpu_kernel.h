@@ -497,8 +497,10 @@ KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, const Divergen
   const scalar_t* student = args.student + row * args.student_stride;
   const scalar_t* teacher = args.teacher + row * args.teacher_stride;
   // Cached terms need the soft values only for the softcap slope and the standardize coupling;
-  // without those, zeros stand in for them (slope 1, no coupling term).
+  // without those, a chunk of zeros stands in for them (slope 1, no coupling term).
   const bool load_values = !kCachedTerms || args.softcap != 0 || args.standardize;
+  const acc_t* values_a = load_values ? a : kZeroChunk<acc_t>;
+  const acc_t* values_b = load_values ? b : kZeroChunk<acc_t>;
   for (int64_t j0 = 0; j0 < vocab; j0 += kChunk) {
     const int64_t n = std::min(kChunk, vocab - j0);
     const acc_t* block = kCached ? cache.block(j0) : nullptr;
@@ -509,16 +511,13 @@ KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, const Divergen
     if (load_values) {
       load_soft(args, g.view_a, student + j0, n, a);
       if constexpr (kSoft && kUse != kStudentTerms) load_soft(args, g.view_b, teacher + j0, n, b);
-    } else {
-      std::fill_n(a, n, acc_t(0));
-      std::fill_n(b, n, acc_t(0));
     }
     if constexpr (kSeparateCE && !kCached) load_scaled(student + j0, n, acc_t(1), c);
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
       const acc_t q = kCachedTerms        ? block[kSlotQ + i]
                       : kUse == kExpsOnly ? scaled_exp(block[kSlotQ + i], scale_a)
-                                          : Math::exp(g.norm_a.log_prob(a[i]));
+                                          : Math::exp(g.norm_a.log_prob(values_a[i]));
       const acc_t ce_q = !kSeparateCE ? q
                          : kCached    ? scaled_exp(block[slot_ce(kUse) + i], scale_c)
                                       : Math::exp(g.norm_c.log_prob(c[i]));
@@ -533,21 +532,21 @@ KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, const Divergen
             p = block[kSlotP + i];
           }
         } else {
-          p = kUse == kExpsOnly ? scaled_exp(block[kSlotP + i], scale_b) : Math::exp(g.norm_b.log_prob(b[i]));
-          const bool shared = (a[i] > kNegInf) & (b[i] > kNegInf);
-          const acc_t lq = shared ? g.norm_a.log_prob(a[i]) : acc_t(0);
-          const acc_t lp = shared ? g.norm_b.log_prob(b[i]) : acc_t(0);
+          p = kUse == kExpsOnly ? scaled_exp(block[kSlotP + i], scale_b) : Math::exp(g.norm_b.log_prob(values_b[i]));
+          const bool shared = (values_a[i] > kNegInf) & (values_b[i] > kNegInf);
+          const acc_t lq = shared ? g.norm_a.log_prob(values_a[i]) : acc_t(0);
+          const acc_t lp = shared ? g.norm_b.log_prob(values_b[i]) : acc_t(0);
           const Terms<acc_t> t = Div::template terms<Math>(lp, lq, p, q, params);
           d_student = shared ? t.d_student : acc_t(0);
           d_teacher = shared ? t.d_teacher : acc_t(0);
         }
         grad_s += g.soft_weight * g.view_a.scale * (d_student - q * g.sum_d_student) *
-                      softcap_slope(a[i], args.cap_scale) -
-                  (a[i] > kNegInf ? g.view_a.coupling * a[i] : acc_t(0));
+                      softcap_slope(values_a[i], args.cap_scale) -
+                  (values_a[i] > kNegInf ? g.view_a.coupling * values_a[i] : acc_t(0));
         if constexpr (kUse != kStudentTerms) {
           grad_t = g.soft_weight * g.view_b.scale * (d_teacher - p * g.sum_d_teacher) *
-                       softcap_slope(b[i], args.cap_scale) -
-                   (b[i] > kNegInf ? g.view_b.coupling * b[i] : acc_t(0));
+                       softcap_slope(values_b[i], args.cap_scale) -
+                   (values_b[i] > kNegInf ? g.view_b.coupling * values_b[i] : acc_t(0));
         }
       }
       a[i] = grad_s;
