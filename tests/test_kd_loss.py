@@ -75,6 +75,54 @@ def test_gradcheck_fp64(divergence, with_target):
     assert torch.autograd.gradcheck(fn, (s, t))
 
 
+def _power_of_two_temperature_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows with masked entries, widely spread logits (squared exps that flush to 0) and a large
+    offset, and targets including an ignored row."""
+    s = make_logits((5,), 300, torch.float32, seed=11)
+    t = make_logits((5,), 300, torch.float32, seed=12, requires_grad=False)
+    with torch.no_grad():
+        s[0, :40] = -math.inf
+        s[1] *= 40
+        s[2] += 1e4
+        t[3, 5:9] = -math.inf
+    return s, t, torch.tensor([50, 3, 7, 299, -100])
+
+
+# At T = 2 and 4 a CPU row whose exps are kept (gradients wanted, or a divergence with a read of its
+# own) squares the kept exps of student / T for the CE term instead of taking exps of its own.
+@pytest.mark.parametrize("temperature", [2.0, 4.0])
+@pytest.mark.parametrize("divergence", ["forward_kl", "skew_kl"])
+def test_ce_at_power_of_two_temperatures_matches_fp64(temperature, divergence):
+    s, t, target = _power_of_two_temperature_case()
+    assert_matches_reference(s, t, target, temperature=temperature, alpha=0.5, divergence=divergence,
+                             reduction="none", **DIVERGENCE_CASES[divergence])
+
+
+@pytest.mark.parametrize("temperature", [2.0, 4.0])
+def test_ce_at_power_of_two_temperatures_matches_its_own_exps(temperature):
+    """Forward KL without gradients keeps no exps and takes the CE term's own: the two losses agree
+    to a few ulp."""
+    s, t, target = _power_of_two_temperature_case()
+    options = dict(temperature=temperature, alpha=0.5, reduction="none")
+    with torch.no_grad():
+        own_exps = kdk.kd_loss(s, t, target, **options)
+    torch.testing.assert_close(kdk.kd_loss(s, t, target, **options).detach(), own_exps, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [2.0, 4.0])
+@pytest.mark.parametrize("divergence", ["forward_kl", "skew_kl"])
+def test_gradcheck_fp64_at_power_of_two_temperatures(temperature, divergence):
+    s = make_logits((4,), 9, torch.float64, seed=5)
+    t = make_logits((4,), 9, torch.float64, seed=6)
+    target = torch.tensor([1, -100, 8, 0])
+
+    def fn(student, teacher):
+        return kdk.kd_loss(student, teacher, target, temperature=temperature, alpha=0.4, divergence=divergence,
+                           reduction="none", backend="cpu", **DIVERGENCE_CASES[divergence])
+
+    assert torch.autograd.gradcheck(fn, (s, t))
+
+
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_masked_entries_contribute_zero(divergence):
     """-inf entries (padded or masked vocabulary) in one or both inputs contribute 0."""

@@ -2,8 +2,9 @@
 // are spread over threads with at::parallel_for; each row is read in chunks small enough for L1,
 // converted to the accumulation type once per read.
 //   read 1: online (max, sum) statistics of student/T, teacher/T and, for the CE term at
-//           T != 1, student; for kSumsFromStats divergences also the support sums; and the
-//           exps that read 2 and read 3 take from the row cache (RowCache).
+//           T != 1, student (at T = 2 or 4 from the kept exps of student/T); for kSumsFromStats
+//           divergences also the support sums; and the exps that read 2 and read 3 take from
+//           the row cache (RowCache).
 //   read 2: for divergences without kSumsFromStats, for all with standardize, and for rows
 //           whose anchors do not hold (anchors_hold): row sums of the divergence terms; for
 //           adaptive KL, the head search (set_adaptive_weights: a read of both rows and one or
@@ -47,6 +48,7 @@ struct RowArgs {
   int64_t vocab, ignore_index;
   acc_t inv_temperature, soft_weight, hard_weight;
   bool unit_temperature;
+  int ce_squarings;  // k where T = 2^k, k = 1 or 2 (the CE term's exps are the soft exps squared k times); else 0
   acc_t softcap;    // the soft term sees softcap * tanh(x / softcap); 0: off
   acc_t cap_scale;  // 1 / (softcap / T), so that tanh(x / softcap) = a * cap_scale; 0: off
   bool standardize;  // the soft term sees (x - mean) / (std + 1e-7) of each row (not with softcap)
@@ -130,6 +132,34 @@ KD_INLINE void accumulate_exp_with_support(const acc_t* a, const acc_t* b, int64
   }
   side_a.merge(max_a, sum_a, mass_a, lr_a);
   side_b.merge(max_b, sum_b, mass_b, lr_b);
+}
+
+// At T = 2^kSquarings (x / T exact), the CE term's exps of a chunk, exp(x - T m) with m its max of
+// x / T, from the kept soft exps exp(x / T - m): each squared kSquarings times (within 2^kSquarings
+// ulp, far cheaper than a read and an exp of their own) and flushed to 0 below the smallest normal
+// as exp flushes; with `kept`, also kept there. Returns the chunk's CE max, T m.
+template <int kSquarings, typename acc_t>
+KD_INLINE acc_t accumulate_exp_powers(const acc_t* soft_exps, int64_t n, acc_t soft_max, OnlineSide<acc_t>& side,
+                                      acc_t* kept) {
+  const auto power = [](acc_t e) __attribute__((always_inline)) {
+    for (int k = 0; k < kSquarings; ++k) e *= e;
+    return e < std::numeric_limits<acc_t>::min() ? acc_t(0) : e;
+  };
+  acc_t sum = 0;
+  if (kept) {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t e = power(soft_exps[i]);
+      kept[i] = e;
+      sum += e;
+    }
+  } else {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) sum += power(soft_exps[i]);
+  }
+  const acc_t max = soft_max * acc_t(1 << kSquarings);
+  side.merge(max, sum, 0, 0);
+  return max;
 }
 
 // The anchor of a row (SupportStats): the max of the soft values of its first kAnchorEntries
@@ -608,6 +638,9 @@ KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, ac
   int bad_student = 0, bad_teacher = 0;
   const bool cached = cache.use != kUncached && need_soft;
   const bool keep_ce = cached && separate_ce && (args.grad_student || args.grad_teacher);
+  // At T = 2 or 4 the CE term's exps come from the kept soft exps of the student (no softcap or
+  // standardize: soft value = student / T exactly).
+  const bool ce_from_soft = cached && separate_ce && args.ce_squarings && args.softcap == 0 && !args.standardize;
   for (int64_t j0 = 0; j0 < vocab; j0 += kChunk) {
     const int64_t n = std::min(kChunk, vocab - j0);
     acc_t* block = cached ? cache.block(j0) : nullptr;
@@ -631,7 +664,12 @@ KD_INLINE void process_row(const RowArgs<scalar_t, acc_t>& args, int64_t row, ac
     } else {
       accumulate_exp(a, n, max_a, side_a);
     }
-    if (separate_ce) {
+    if (ce_from_soft) {
+      acc_t* kept_ce = keep_ce ? block + slot_ce(cache.use) : nullptr;
+      const acc_t max_c = args.ce_squarings == 1 ? accumulate_exp_powers<1>(block + kSlotQ, n, max_a, side_c, kept_ce)
+                                                 : accumulate_exp_powers<2>(block + kSlotQ, n, max_a, side_c, kept_ce);
+      if (keep_ce) maxima[2] = max_c;
+    } else if (separate_ce) {
       load_scaled(student + j0, n, acc_t(1), c);
       const acc_t max_c = chunk_max(c, n, bad_student);
       accumulate_exp(c, n, max_c, side_c, keep_ce ? block + slot_ce(cache.use) : nullptr);
@@ -820,7 +858,8 @@ bool kd_loss_part(const KDLossCall& call) {
         call.loss.data_ptr<acc_t>(), call.grad_student.numel() ? call.grad_student.data_ptr<scalar_t>() : nullptr,
         call.grad_teacher.numel() ? call.grad_teacher.data_ptr<scalar_t>() : nullptr, call.status.data_ptr<int8_t>(),
         vocab, call.ignore_index, static_cast<acc_t>(1.0 / call.temperature), static_cast<acc_t>(call.soft_weight),
-        static_cast<acc_t>(call.hard_weight), call.temperature == 1.0, static_cast<acc_t>(call.softcap),
+        static_cast<acc_t>(call.hard_weight), call.temperature == 1.0,
+        call.temperature == 2.0 ? 1 : call.temperature == 4.0 ? 2 : 0, static_cast<acc_t>(call.softcap),
         static_cast<acc_t>(call.softcap > 0 ? call.temperature / call.softcap : 0.0), call.standardize,
         make_divergence_params<acc_t>(call.divergence, call.divergence_args)};
     const ShardArgs<acc_t> shard{call.shard_stage, call.norms.defined() ? call.norms.data_ptr<acc_t>() : nullptr,
