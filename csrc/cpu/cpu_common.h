@@ -158,23 +158,34 @@ KD_INLINE acc_t exp_offset(acc_t chunk_max) {
   return chunk_max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : chunk_max;
 }
 
+// The sum of value(i) over [0, n); with `kept`, also keeps each value there. One loop per case,
+// so that each vectorises.
+template <typename acc_t, typename Value>
+KD_INLINE acc_t sum_keeping(int64_t n, acc_t* kept, Value value) {
+  acc_t sum = 0;
+  if (kept) {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t v = value(i);
+      kept[i] = v;
+      sum += v;
+    }
+  } else {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) sum += value(i);
+  }
+  return sum;
+}
+
 // Adds x[0:n]'s exps to the online statistics; with `kept`, also keeps each exp(x - offset) there.
 template <typename acc_t>
 KD_INLINE void accumulate_exp(const acc_t* x, int64_t n, acc_t chunk_max, OnlineSide<acc_t>& side,
                               acc_t* kept = nullptr) {
   using Math = MathFor<acc_t>;
   const acc_t offset = exp_offset(chunk_max);
-  acc_t sum = 0;
-  if (kept) {
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; ++i) {
-      kept[i] = Math::exp(x[i] - offset);
-      sum += kept[i];
-    }
-  } else {
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; ++i) sum += Math::exp(x[i] - offset);
-  }
+  const acc_t sum = sum_keeping(n, kept, [x, offset](int64_t i) __attribute__((always_inline)) {
+    return Math::exp(x[i] - offset);
+  });
   side.merge(chunk_max, sum, 0, 0);
 }
 

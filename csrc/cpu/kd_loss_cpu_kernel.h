@@ -141,22 +141,11 @@ KD_INLINE void accumulate_exp_with_support(const acc_t* a, const acc_t* b, int64
 template <int kSquarings, typename acc_t>
 KD_INLINE acc_t accumulate_exp_powers(const acc_t* soft_exps, int64_t n, acc_t soft_max, OnlineSide<acc_t>& side,
                                       acc_t* kept) {
-  const auto power = [](acc_t e) __attribute__((always_inline)) {
+  const acc_t sum = sum_keeping(n, kept, [soft_exps](int64_t i) __attribute__((always_inline)) {
+    acc_t e = soft_exps[i];
     for (int k = 0; k < kSquarings; ++k) e *= e;
     return e < std::numeric_limits<acc_t>::min() ? acc_t(0) : e;
-  };
-  acc_t sum = 0;
-  if (kept) {
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; ++i) {
-      const acc_t e = power(soft_exps[i]);
-      kept[i] = e;
-      sum += e;
-    }
-  } else {
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; ++i) sum += power(soft_exps[i]);
-  }
+  });
   const acc_t max = soft_max * acc_t(1 << kSquarings);
   side.merge(max, sum, 0, 0);
   return max;
