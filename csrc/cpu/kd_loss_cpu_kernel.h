@@ -415,6 +415,8 @@ KD_INLINE RowSums<acc_t> chunk_term_sums(int64_t n, const acc_t* a, const acc_t*
   // (a reference could alias a[] or b[], and the loop would not vectorise).
   using Math = MathFor<acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  // The teacher's sums feed only the teacher's gradient: with kStudentTerms they stay 0.
+  constexpr bool kTeacherSums = kUse != kStudentTerms;
   acc_t value = 0, d_student = 0, d_teacher = 0, s_moment = 0, s_mean = 0, t_moment = 0, t_mean = 0;
 #pragma omp simd reduction(+ : value, d_student, d_teacher, s_moment, s_mean, t_moment, t_mean)
   for (int64_t i = 0; i < n; ++i) {
@@ -428,11 +430,14 @@ KD_INLINE RowSums<acc_t> chunk_term_sums(int64_t n, const acc_t* a, const acc_t*
     const acc_t entry_d_student = shared ? t.d_student : acc_t(0), entry_d_teacher = shared ? t.d_teacher : acc_t(0);
     value += shared ? t.value : acc_t(0);
     d_student += entry_d_student;
-    d_teacher += entry_d_teacher;
+    if constexpr (kTeacherSums) d_teacher += entry_d_teacher;
     if constexpr (kStandardize) {
-      const acc_t a_finite = a[i] > kNegInf ? a[i] : acc_t(0), b_finite = b[i] > kNegInf ? b[i] : acc_t(0);
+      const acc_t a_finite = a[i] > kNegInf ? a[i] : acc_t(0);
       s_moment += entry_d_student * a_finite;
       s_mean += q * a_finite;
+    }
+    if constexpr (kStandardize && kTeacherSums) {
+      const acc_t b_finite = b[i] > kNegInf ? b[i] : acc_t(0);
       t_moment += entry_d_teacher * b_finite;
       t_mean += p * b_finite;
     }
