@@ -360,27 +360,28 @@ def _softcapped(z: torch.Tensor, cap: float) -> torch.Tensor:  # Gemma-2's final
     return cap * torch.tanh(z / cap)
 
 
-@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "tvd", "ab"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-def test_softcap_matches_the_formula(divergence, temperature, dtype):
+@pytest.mark.parametrize("teacher_grad", [True, False], ids=["teacher_grad", "frozen_teacher"])
+def test_softcap_matches_the_formula(divergence, temperature, dtype, teacher_grad):
     """The soft term of (s, t) with softcap c is the divergence of softcap(s), softcap(t); the CE
     term reads the raw student logits; gradients by autograd through tanh in fp64."""
     cap, alpha = 5.0, 0.6
     s = make_logits((7,), 300, dtype, seed=26, scale=6.0)
-    t = make_logits((7,), 300, dtype, seed=27, scale=6.0)
+    t = make_logits((7,), 300, dtype, seed=27, scale=6.0, requires_grad=teacher_grad)
     target = make_target((7,), 300, ignored=True)
     keywords = DIVERGENCE_CASES_FOR_SOFTCAP.get(divergence, {})
     loss = kdk.kd_loss(s, t, target, softcap=cap, temperature=temperature, alpha=alpha, divergence=divergence,
                        **keywords)
-    grads = torch.autograd.grad(loss, [s, t])
+    grads = torch.autograd.grad(loss, [s, t] if teacher_grad else [s])
     s64, t64 = (x.detach().double().requires_grad_() for x in (s, t))
     soft = kdk.kd_loss(_softcapped(s64, cap), _softcapped(t64, cap), None, temperature=temperature,
                        divergence=divergence, reduction="none", backend="reference", **keywords)
     counted = target != -100
     ce = torch.nn.functional.cross_entropy(s64, target, ignore_index=-100, reduction="none")
     exact = torch.where(counted, alpha * soft + (1 - alpha) * ce, 0.0).sum() / counted.sum()
-    exact_grads = torch.autograd.grad(exact, [s64, t64])
+    exact_grads = torch.autograd.grad(exact, [s64, t64] if teacher_grad else [s64])
     tolerance = {torch.float64: 1e-10, torch.float32: 3e-5, torch.bfloat16: 3e-5}[dtype]
     torch.testing.assert_close(loss.double(), exact.detach(), rtol=tolerance, atol=tolerance)
     grad_tolerance = 8e-3 if dtype == torch.bfloat16 else tolerance
@@ -389,7 +390,7 @@ def test_softcap_matches_the_formula(divergence, temperature, dtype):
                                    atol=grad_tolerance * exact_grad.abs().max().item())
 
 
-DIVERGENCE_CASES_FOR_SOFTCAP = {"jsd": {"beta": 0.3}}
+DIVERGENCE_CASES_FOR_SOFTCAP = {"jsd": {"beta": 0.3}, "ab": {"ab_alpha": 0.6, "ab_beta": 0.3}}
 
 
 def test_softcap_with_logit_scale_masks_and_fused_linear():
@@ -432,20 +433,21 @@ def _paper_standardize(z: Tensor) -> Tensor:  # Sun et al.'s normalize(): unbias
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "tvd", "akl"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-def test_standardize_matches_the_paper(divergence, dtype):
+@pytest.mark.parametrize("teacher_grad", [True, False], ids=["teacher_grad", "frozen_teacher"])
+def test_standardize_matches_the_paper(divergence, dtype, teacher_grad):
     """T^2 * D(softmax(std(t) / T), softmax(std(s) / T)) + CE on the raw logits, values and both
     gradients, against Sun et al.'s normalize() in fp64 with autograd through mean and std."""
     if divergence == "akl" and dtype == torch.bfloat16:
         pytest.skip("bf16 ties: see test_paper_formula")
     temperature, alpha = 2.0, 0.7
     s = make_logits((5,), 300, dtype, seed=32, scale=2.0)
-    t = make_logits((5,), 300, dtype, seed=33, scale=5.0)
+    t = make_logits((5,), 300, dtype, seed=33, scale=5.0, requires_grad=teacher_grad)
     target = torch.tensor([3, -100, 299, 0, 17])
     keywords = {"jsd": {"beta": 0.3}, "akl": {"akl_mu": 0.5}}.get(divergence, {})
     loss = kdk.kd_loss(s, t, target, divergence=divergence, temperature=temperature, alpha=alpha, standardize=True,
                        reduction="none", backend="cpu", **keywords)
     weights = torch.linspace(0.5, 1.5, 5, dtype=torch.float64)
-    grads = torch.autograd.grad((loss * weights.to(loss.dtype)).sum(), [s, t])
+    grads = torch.autograd.grad((loss * weights.to(loss.dtype)).sum(), [s, t] if teacher_grad else [s])
 
     s64, t64 = (x.detach().double().requires_grad_() for x in (s, t))
     p = torch.softmax(_paper_standardize(t64) / temperature, -1)
@@ -456,7 +458,7 @@ def test_standardize_matches_the_paper(divergence, dtype):
             "tvd": lambda: _tvd(p, q), "akl": lambda: _adaptive_kl(p, q, 0.5)}[divergence]()
     ce = torch.nn.functional.cross_entropy(s64, target, reduction="none")
     exact = torch.where(target != -100, alpha * temperature**2 * soft + (1 - alpha) * ce, 0.0)
-    exact_grads = torch.autograd.grad((exact * weights).sum(), [s64, t64])
+    exact_grads = torch.autograd.grad((exact * weights).sum(), [s64, t64] if teacher_grad else [s64])
     tolerance = {torch.float64: 1e-9, torch.float32: 3e-5, torch.bfloat16: 3e-5}[dtype]
     torch.testing.assert_close(loss.detach().double(), exact.detach(), rtol=tolerance,
                                atol=tolerance * exact.abs().max().item())

@@ -23,10 +23,6 @@ namespace cpu {
 
 constexpr int64_t kChunk = 256;
 
-// A chunk of zeros, read where a loop's values are known to be 0.
-template <typename acc_t>
-alignas(64) inline constexpr acc_t kZeroChunk[kChunk] = {};
-
 // Float exp and log for the vector loops, branch-free so that they vectorise. exp: Cephes' range
 // reduction and a degree-6 minimax polynomial (about 1 ulp), its scale built from the bits of the
 // rounding sum; it underflows to exactly 0 below -87 (so exp(-inf) = 0), where the unclamped

@@ -405,14 +405,16 @@ KD_INLINE acc_t finite_min(const acc_t* x, int64_t n) {
   return m;
 }
 
-// term_sums of one chunk, whose soft values are in a and b; kFromProbabilities: a mixture
-// divergence's ratio of p and q as their quotient (mixture()).
+// term_sums of one chunk, whose soft values are (x - center) * scale of the values x in xa and xb
+// (with read_a and read_b the centers and scales); kFromProbabilities: a mixture divergence's
+// ratio of p and q as their quotient (mixture()).
 template <typename Div, bool kStandardize, int kUse, bool kFromProbabilities, typename acc_t>
-KD_INLINE RowSums<acc_t> chunk_term_sums(int64_t n, const acc_t* a, const acc_t* b, const LogNormaliser<acc_t> norm_a,
+KD_INLINE RowSums<acc_t> chunk_term_sums(int64_t n, const acc_t* xa, const acc_t* xb, const SoftView<acc_t> read_a,
+                                         const SoftView<acc_t> read_b, const LogNormaliser<acc_t> norm_a,
                                          const LogNormaliser<acc_t> norm_b, const DivergenceParams<acc_t> params,
                                          acc_t scale_a, acc_t scale_b, acc_t* block) {
-  // norm_a, norm_b and params by value: in registers, the loop can read them under a mask
-  // (a reference could alias a[] or b[], and the loop would not vectorise).
+  // The views, normalisers and params by value: in registers, the loop can read them under a
+  // mask (a reference could alias xa, xb or block, and the loop would not vectorise).
   using Math = MathFor<acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   // The teacher's sums feed only the teacher's gradient: with kStudentTerms they stay 0.
@@ -420,24 +422,25 @@ KD_INLINE RowSums<acc_t> chunk_term_sums(int64_t n, const acc_t* a, const acc_t*
   acc_t value = 0, d_student = 0, d_teacher = 0, s_moment = 0, s_mean = 0, t_moment = 0, t_mean = 0;
 #pragma omp simd reduction(+ : value, d_student, d_teacher, s_moment, s_mean, t_moment, t_mean)
   for (int64_t i = 0; i < n; ++i) {
-    const bool shared = (a[i] > kNegInf) & (b[i] > kNegInf);
-    const acc_t lq = shared ? norm_a.log_prob(a[i]) : acc_t(0);
-    const acc_t lp = shared ? norm_b.log_prob(b[i]) : acc_t(0);
+    const acc_t a = (xa[i] - read_a.center) * read_a.scale, b = (xb[i] - read_b.center) * read_b.scale;
+    const bool shared = (a > kNegInf) & (b > kNegInf);
+    const acc_t lq = shared ? norm_a.log_prob(a) : acc_t(0);
+    const acc_t lp = shared ? norm_b.log_prob(b) : acc_t(0);
     const acc_t q = kUse != kUncached ? scaled_exp(block[kSlotQ + i], scale_a)
-                                      : Math::exp(norm_a.log_prob(a[i]));  // 0 at -inf
-    const acc_t p = kUse != kUncached ? scaled_exp(block[kSlotP + i], scale_b) : Math::exp(norm_b.log_prob(b[i]));
+                                      : Math::exp(norm_a.log_prob(a));  // 0 at -inf
+    const acc_t p = kUse != kUncached ? scaled_exp(block[kSlotP + i], scale_b) : Math::exp(norm_b.log_prob(b));
     const Terms<acc_t> t = divergence_terms<Div, Math, kFromProbabilities>(lp, lq, p, q, params);
     const acc_t entry_d_student = shared ? t.d_student : acc_t(0), entry_d_teacher = shared ? t.d_teacher : acc_t(0);
     value += shared ? t.value : acc_t(0);
     d_student += entry_d_student;
     if constexpr (kTeacherSums) d_teacher += entry_d_teacher;
     if constexpr (kStandardize) {
-      const acc_t a_finite = a[i] > kNegInf ? a[i] : acc_t(0);
+      const acc_t a_finite = a > kNegInf ? a : acc_t(0);
       s_moment += entry_d_student * a_finite;
       s_mean += q * a_finite;
     }
     if constexpr (kStandardize && kTeacherSums) {
-      const acc_t b_finite = b[i] > kNegInf ? b[i] : acc_t(0);
+      const acc_t b_finite = b > kNegInf ? b : acc_t(0);
       t_moment += entry_d_teacher * b_finite;
       t_mean += p * b_finite;
     }
@@ -458,6 +461,26 @@ KD_INLINE RowSums<acc_t> chunk_term_sums(int64_t n, const acc_t* a, const acc_t*
   return sums;
 }
 
+// The values of one input's chunk that chunk_term_sums reads, and in `read` how it forms the soft
+// values from them: with softcap, the soft values themselves (in buffer); without, the logits (in
+// place where they are acc_t, else converted into buffer) and the row's view.
+template <typename scalar_t, typename acc_t>
+KD_INLINE const acc_t* chunk_values(const RowArgs<scalar_t, acc_t>& args, const SoftView<acc_t>& view,
+                                    const scalar_t* x, int64_t n, acc_t* buffer, SoftView<acc_t>& read) {
+  if (args.softcap != 0) {
+    load_soft(args, view, x, n, buffer);
+    read = {0, 1, 0, 0, 0};
+    return buffer;
+  }
+  read = view;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return x;
+  } else {
+    load_scaled(x, n, acc_t(1), buffer);
+    return buffer;
+  }
+}
+
 // Read 2: the row sums of the divergence terms (and the standardize moments), from the exps in
 // `cache` (kUse, a CacheUse) or computing them (kUncached); with kStudentTerms and kAllTerms, the
 // entries' terms (d_student and d_teacher 0 where not shared) are kept there for read 3. A
@@ -475,17 +498,19 @@ KD_INLINE RowSums<acc_t> term_sums(const RowArgs<scalar_t, acc_t>& args, const s
     const acc_t* maxima = kUse != kUncached ? cache.maxima(j0) : nullptr;
     const acc_t scale_a = kUse != kUncached ? chunk_scale(norm_a, maxima[0]) : acc_t(0);
     const acc_t scale_b = kUse != kUncached ? chunk_scale(norm_b, maxima[1]) : acc_t(0);
-    load_soft(args, view_a, student + j0, n, a);
-    load_soft(args, view_b, teacher + j0, n, b);
+    SoftView<acc_t> read_a, read_b;
+    const acc_t* xa = chunk_values(args, view_a, student + j0, n, a, read_a);
+    const acc_t* xb = chunk_values(args, view_b, teacher + j0, n, b, read_b);
     bool from_probabilities = false;
-    if constexpr (kMixes<Div>) {
-      from_probabilities = mixture_from_probabilities_exact(norm_b.log_prob(finite_min(b, n)),
-                                                            norm_a.log_prob(finite_min(a, n)), params);
+    if constexpr (kMixes<Div>) {  // the smallest soft values, from the smallest values (the view is monotone)
+      from_probabilities = mixture_from_probabilities_exact(
+          norm_b.log_prob((finite_min(xb, n) - read_b.center) * read_b.scale),
+          norm_a.log_prob((finite_min(xa, n) - read_a.center) * read_a.scale), params);
     }
-    sums += from_probabilities ? chunk_term_sums<Div, kStandardize, kUse, true>(n, a, b, norm_a, norm_b, params,
-                                                                                scale_a, scale_b, block)
-                               : chunk_term_sums<Div, kStandardize, kUse, false>(n, a, b, norm_a, norm_b, params,
-                                                                                 scale_a, scale_b, block);
+    sums += from_probabilities ? chunk_term_sums<Div, kStandardize, kUse, true>(n, xa, xb, read_a, read_b, norm_a,
+                                                                                norm_b, params, scale_a, scale_b, block)
+                               : chunk_term_sums<Div, kStandardize, kUse, false>(n, xa, xb, read_a, read_b, norm_a,
+                                                                                 norm_b, params, scale_a, scale_b, block);
   }
   return sums;
 }
@@ -501,6 +526,19 @@ KD_INLINE acc_t standardize_coupling(const RowArgs<scalar_t, acc_t>& args, const
   return args.soft_weight * (moment - sum_d * mean) / (args.inv_temperature * (view.count - 1) * view.std);
 }
 
+// The soft term's gradient at a logit whose soft value is v: weight * factor through the softcap
+// slope at v, minus the standardize coupling term (kValues; without, v is not read: no softcap,
+// no standardize).
+template <bool kValues, typename acc_t>
+KD_INLINE acc_t logit_gradient(acc_t weight, acc_t factor, const SoftView<acc_t>& view, acc_t v, acc_t cap_scale) {
+  if constexpr (kValues) {
+    return weight * factor * softcap_slope(v, cap_scale) -
+           (v > -std::numeric_limits<acc_t>::infinity() ? view.coupling * v : acc_t(0));
+  } else {
+    return weight * factor;
+  }
+}
+
 template <typename acc_t>
 struct GradientScales {
   LogNormaliser<acc_t> norm_a, norm_b, norm_c;
@@ -514,23 +552,20 @@ struct GradientScales {
 // of the divergence terms (computed from the logits and q, p, or read from what term_sums kept
 // in the row cache; kUse: where q, p and the terms come from, with kStudentTerms only the
 // student's gradient), plus the CE term softmax(student) - onehot(y) (from student/T when
-// T = 1, else from the raw student logits in c or their kept exps: kSeparateCE). a and b return
-// the gradients.
-template <typename Div, bool kSoft, bool kSeparateCE, int kUse, typename scalar_t, typename acc_t>
+// T = 1, else from the raw student logits in c or their kept exps: kSeparateCE). kValues: the
+// soft values are read, as they must be but for cached terms on rows without softcap or
+// standardize (slope 1, no coupling term). a and b return the gradients.
+template <typename Div, bool kSoft, bool kSeparateCE, int kUse, bool kValues, typename scalar_t, typename acc_t>
 KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, const DivergenceParams<acc_t> params, int64_t row,
                             int64_t y, const GradientScales<acc_t> g, acc_t* a, acc_t* b, acc_t* c,
                             const RowCache<acc_t> cache) {  // params, g and cache by value, as in term_sums
   constexpr bool kCached = kUse != kUncached, kCachedTerms = kUse == kStudentTerms || kUse == kAllTerms;
+  static_assert(kValues || kCachedTerms, "only cached terms do without the soft values");
   using Math = MathFor<acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const int64_t vocab = args.vocab;
   const scalar_t* student = args.student + row * args.student_stride;
   const scalar_t* teacher = args.teacher + row * args.teacher_stride;
-  // Cached terms need the soft values only for the softcap slope and the standardize coupling;
-  // without those, a chunk of zeros stands in for them (slope 1, no coupling term).
-  const bool load_values = !kCachedTerms || args.softcap != 0 || args.standardize;
-  const acc_t* values_a = load_values ? a : kZeroChunk<acc_t>;
-  const acc_t* values_b = load_values ? b : kZeroChunk<acc_t>;
   for (int64_t j0 = 0; j0 < vocab; j0 += kChunk) {
     const int64_t n = std::min(kChunk, vocab - j0);
     const acc_t* block = kCached ? cache.block(j0) : nullptr;
@@ -538,7 +573,7 @@ KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, const Divergen
     const acc_t scale_a = kUse == kExpsOnly ? chunk_scale(g.norm_a, maxima[0]) : acc_t(0);
     const acc_t scale_b = kUse == kExpsOnly && kSoft ? chunk_scale(g.norm_b, maxima[1]) : acc_t(0);
     const acc_t scale_c = kCached && kSeparateCE ? chunk_scale(g.norm_c, maxima[2]) : acc_t(0);
-    if (load_values) {
+    if constexpr (kValues) {
       load_soft(args, g.view_a, student + j0, n, a);
       if constexpr (kSoft && kUse != kStudentTerms) load_soft(args, g.view_b, teacher + j0, n, b);
     }
@@ -547,7 +582,7 @@ KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, const Divergen
     for (int64_t i = 0; i < n; ++i) {
       const acc_t q = kCachedTerms        ? block[kSlotQ + i]
                       : kUse == kExpsOnly ? scaled_exp(block[kSlotQ + i], scale_a)
-                                          : Math::exp(g.norm_a.log_prob(values_a[i]));
+                                          : Math::exp(g.norm_a.log_prob(a[i]));
       const acc_t ce_q = !kSeparateCE ? q
                          : kCached    ? scaled_exp(block[slot_ce(kUse) + i], scale_c)
                                       : Math::exp(g.norm_c.log_prob(c[i]));
@@ -562,21 +597,19 @@ KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, const Divergen
             p = block[kSlotP + i];
           }
         } else {
-          p = kUse == kExpsOnly ? scaled_exp(block[kSlotP + i], scale_b) : Math::exp(g.norm_b.log_prob(values_b[i]));
-          const bool shared = (values_a[i] > kNegInf) & (values_b[i] > kNegInf);
-          const acc_t lq = shared ? g.norm_a.log_prob(values_a[i]) : acc_t(0);
-          const acc_t lp = shared ? g.norm_b.log_prob(values_b[i]) : acc_t(0);
+          p = kUse == kExpsOnly ? scaled_exp(block[kSlotP + i], scale_b) : Math::exp(g.norm_b.log_prob(b[i]));
+          const bool shared = (a[i] > kNegInf) & (b[i] > kNegInf);
+          const acc_t lq = shared ? g.norm_a.log_prob(a[i]) : acc_t(0);
+          const acc_t lp = shared ? g.norm_b.log_prob(b[i]) : acc_t(0);
           const Terms<acc_t> t = Div::template terms<Math>(lp, lq, p, q, params);
           d_student = shared ? t.d_student : acc_t(0);
           d_teacher = shared ? t.d_teacher : acc_t(0);
         }
-        grad_s += g.soft_weight * g.view_a.scale * (d_student - q * g.sum_d_student) *
-                      softcap_slope(values_a[i], args.cap_scale) -
-                  (values_a[i] > kNegInf ? g.view_a.coupling * values_a[i] : acc_t(0));
+        grad_s += logit_gradient<kValues>(g.soft_weight * g.view_a.scale, d_student - q * g.sum_d_student, g.view_a,
+                                          kValues ? a[i] : acc_t(0), args.cap_scale);
         if constexpr (kUse != kStudentTerms) {
-          grad_t = g.soft_weight * g.view_b.scale * (d_teacher - p * g.sum_d_teacher) *
-                       softcap_slope(values_b[i], args.cap_scale) -
-                   (values_b[i] > kNegInf ? g.view_b.coupling * values_b[i] : acc_t(0));
+          grad_t = logit_gradient<kValues>(g.soft_weight * g.view_b.scale, d_teacher - p * g.sum_d_teacher, g.view_b,
+                                           kValues ? b[i] : acc_t(0), args.cap_scale);
         }
       }
       a[i] = grad_s;
@@ -593,19 +626,26 @@ template <typename Div, typename scalar_t, typename acc_t>
 KD_INLINE void write_gradients(const RowArgs<scalar_t, acc_t>& args, const DivergenceParams<acc_t>& params,
                                int64_t row, int64_t y, bool soft, bool separate_ce, const GradientScales<acc_t>& scales,
                                acc_t* a, acc_t* b, acc_t* c, const RowCache<acc_t>& cache) {
-  const auto soft_row = [&](auto use) __attribute__((always_inline)) {
-    separate_ce ? gradient_row<Div, true, true, decltype(use)::value>(args, params, row, y, scales, a, b, c, cache)
-                : gradient_row<Div, true, false, decltype(use)::value>(args, params, row, y, scales, a, b, c, cache);
+  const auto soft_row = [&](auto use, auto values) __attribute__((always_inline)) {
+    constexpr int kUse = decltype(use)::value;
+    constexpr bool kValues = decltype(values)::value;
+    separate_ce ? gradient_row<Div, true, true, kUse, kValues>(args, params, row, y, scales, a, b, c, cache)
+                : gradient_row<Div, true, false, kUse, kValues>(args, params, row, y, scales, a, b, c, cache);
   };
   if constexpr (kCachesTerms<Div>) {
-    if (soft && cache.use == kStudentTerms) return soft_row(UseTag<kStudentTerms>{});
-    if (soft && cache.use == kAllTerms) return soft_row(UseTag<kAllTerms>{});
+    // Cached terms read the soft values only for the softcap slope and the standardize coupling.
+    const bool values = args.softcap != 0 || args.standardize;
+    const auto cached_row = [&](auto use) __attribute__((always_inline)) {
+      values ? soft_row(use, std::true_type{}) : soft_row(use, std::false_type{});
+    };
+    if (soft && cache.use == kStudentTerms) return cached_row(UseTag<kStudentTerms>{});
+    if (soft && cache.use == kAllTerms) return cached_row(UseTag<kAllTerms>{});
   } else {
-    if (soft && cache.use == kExpsOnly) return soft_row(UseTag<kExpsOnly>{});
+    if (soft && cache.use == kExpsOnly) return soft_row(UseTag<kExpsOnly>{}, std::true_type{});
   }
-  if (soft) return soft_row(UseTag<kUncached>{});
-  separate_ce ? gradient_row<Div, false, true, kUncached>(args, params, row, y, scales, a, b, c, cache)
-              : gradient_row<Div, false, false, kUncached>(args, params, row, y, scales, a, b, c, cache);
+  if (soft) return soft_row(UseTag<kUncached>{}, std::true_type{});
+  separate_ce ? gradient_row<Div, false, true, kUncached, true>(args, params, row, y, scales, a, b, c, cache)
+              : gradient_row<Div, false, false, kUncached, true>(args, params, row, y, scales, a, b, c, cache);
 }
 
 // One whole row, with the thread's row cache.
