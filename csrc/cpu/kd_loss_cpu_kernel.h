@@ -554,13 +554,16 @@ struct GradientScales {
 // student's gradient), plus the CE term softmax(student) - onehot(y) (from student/T when
 // T = 1, else from the raw student logits in c or their kept exps: kSeparateCE). kValues: the
 // soft values are read, as they must be but for cached terms on rows without softcap or
-// standardize (slope 1, no coupling term). a and b return the gradients.
+// standardize (slope 1, no coupling term). Writes the gradients wanted (through a and b where
+// they are not acc_t).
 template <typename Div, bool kSoft, bool kSeparateCE, int kUse, bool kValues, typename scalar_t, typename acc_t>
 KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, const DivergenceParams<acc_t> params, int64_t row,
                             int64_t y, const GradientScales<acc_t> g, acc_t* a, acc_t* b, acc_t* c,
                             const RowCache<acc_t> cache) {  // params, g and cache by value, as in term_sums
   constexpr bool kCached = kUse != kUncached, kCachedTerms = kUse == kStudentTerms || kUse == kAllTerms;
   static_assert(kValues || kCachedTerms, "only cached terms do without the soft values");
+  // acc_t gradients are written to the outputs directly, others through a and b.
+  constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
   using Math = MathFor<acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const int64_t vocab = args.vocab;
@@ -578,6 +581,12 @@ KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, const Divergen
       if constexpr (kSoft && kUse != kStudentTerms) load_soft(args, g.view_b, teacher + j0, n, b);
     }
     if constexpr (kSeparateCE && !kCached) load_scaled(student + j0, n, acc_t(1), c);
+    acc_t* out_s = a;
+    acc_t* out_t = b;
+    if constexpr (kDirect) {
+      if (args.grad_student) out_s = args.grad_student + row * vocab + j0;
+      if (args.grad_teacher) out_t = args.grad_teacher + row * vocab + j0;
+    }
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
       const acc_t q = kCachedTerms        ? block[kSlotQ + i]
@@ -612,12 +621,14 @@ KD_INLINE void gradient_row(const RowArgs<scalar_t, acc_t>& args, const Divergen
                                            kValues ? b[i] : acc_t(0), args.cap_scale);
         }
       }
-      a[i] = grad_s;
-      b[i] = grad_t;
+      out_s[i] = grad_s;
+      out_t[i] = grad_t;
     }
-    if (y >= j0 && y < j0 + n) a[y - j0] -= g.hard_weight;
-    if (args.grad_student) store(a, n, args.grad_student + row * vocab + j0);
-    if (args.grad_teacher) store(b, n, args.grad_teacher + row * vocab + j0);
+    if (y >= j0 && y < j0 + n) out_s[y - j0] -= g.hard_weight;
+    if constexpr (!kDirect) {
+      if (args.grad_student) store(a, n, args.grad_student + row * vocab + j0);
+      if (args.grad_teacher) store(b, n, args.grad_teacher + row * vocab + j0);
+    }
   }
 }
 
