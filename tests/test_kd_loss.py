@@ -310,6 +310,17 @@ def test_backward_three_times_with_retained_graph():
     torch.testing.assert_close(again, once)
 
 
+def test_scaled_backward_with_and_without_retained_graph():
+    s = make_logits((4,), 19, torch.float32, seed=25)
+    t = make_logits((4,), 19, torch.float32, seed=26)
+    unit = torch.autograd.grad(kdk.kd_loss(s, t, temperature=2.0), [s, t])
+    loss = kdk.kd_loss(s, t, temperature=2.0) * 0.5
+    loss.backward(retain_graph=True)  # the graph keeps its saved gradients: scaled into new tensors
+    loss.backward()  # the last backward owns them: scaled in place
+    for leaf, grad in zip((s, t), unit):
+        torch.testing.assert_close(leaf.grad, grad)
+
+
 def test_fp16_gradients_survive_a_loss_scale():
     s = make_logits((4,), 64, torch.float16, seed=27)
     t = make_logits((4,), 64, torch.float16, seed=28, requires_grad=False)

@@ -9,6 +9,7 @@
 // The row loops are cloned per x86 ISA level, as the kd_loss kernel.
 #include "../dist_loss.h"
 #include "cpu_common.h"
+#include "cpu_outputs.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -233,7 +234,7 @@ at::Tensor dist_loss_grad_cpu(const at::Tensor& student, const at::Tensor& teach
   TORCH_CHECK(row_c.sizes() == at::IntArrayRef({rows, 2}) && column_c.sizes() == at::IntArrayRef({classes, 2}) &&
                   stats.sizes() == at::IntArrayRef({classes, 5}),
               "dist_loss_grad_cpu: row_coef [N, 2], column_coef [C, 2] and column_stats [C, 5] expected");
-  at::Tensor grad = at::empty({rows, classes}, student.options());
+  at::Tensor grad = empty_output({rows, classes}, student.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "dist_loss_grad_cpu", [&] {
     dist_grad<scalar_t>(student, teacher, temperature, row_c, column_c, stats, grad);
   });

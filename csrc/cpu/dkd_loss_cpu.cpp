@@ -9,6 +9,7 @@
 #include "../kd_loss.h"
 #include "../row_status.h"
 #include "cpu_common.h"
+#include "cpu_outputs.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -136,7 +137,7 @@ DKDLossOutputs dkd_loss_forward_cpu(const at::Tensor& student, const at::Tensor&
   const int64_t rows = student.size(0), vocab = student.size(1);
   const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor loss = at::empty({rows}, student.options().dtype(acc_dtype));
-  at::Tensor grad_student = at::empty({student_grad ? rows : 0, vocab}, student.options());
+  at::Tensor grad_student = empty_output({student_grad ? rows : 0, vocab}, student.options());
   at::Tensor status = at::empty({rows}, student.options().dtype(at::kChar));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "dkd_loss_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -3,6 +3,7 @@
 // in one pass, summed per fixed chunk (so the result does not depend on the thread count).
 #include "../feature.h"
 #include "cpu_common.h"
+#include "cpu_outputs.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -147,7 +148,8 @@ std::tuple<at::Tensor, at::Tensor> squared_error_cpu(const at::Tensor& student, 
               "squared_error_cpu: contiguous CPU tensors of one shape and dtype expected");
   const int64_t numel = student.numel(), chunks = (numel + kErrorChunk - 1) / kErrorChunk;
   at::Tensor partial = at::zeros({std::max<int64_t>(chunks, 1)}, student.options().dtype(accumulation(student)));
-  at::Tensor gradient = grad ? at::empty_like(student) : at::empty({0}, student.options());
+  at::Tensor gradient =
+      grad ? cpu::empty_output(student.sizes(), student.options()) : at::empty({0}, student.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "squared_error_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     at::parallel_for(0, chunks, kSerialChunks, [&](int64_t begin, int64_t end) {

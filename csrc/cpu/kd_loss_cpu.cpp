@@ -2,6 +2,8 @@
 // part that holds its divergence (csrc/cpu/kd_loss_cpu.h).
 #include "kd_loss_cpu.h"
 
+#include "cpu_outputs.h"
+
 #include "../kd_loss.h"
 
 namespace kdkernels {
@@ -37,8 +39,8 @@ KDLossOutputs kd_loss_forward_cpu(const at::Tensor& student, const at::Tensor& t
                              teacher,
                              target.has_value() ? target_rows : at::Tensor(),
                              at::empty({rows}, student.options().dtype(acc_dtype)),
-                             at::empty({student_grad ? rows : 0, vocab}, student.options()),
-                             at::empty({teacher_grad ? rows : 0, vocab}, student.options()),
+                             cpu::empty_output({student_grad ? rows : 0, vocab}, student.options()),
+                             cpu::empty_output({teacher_grad ? rows : 0, vocab}, student.options()),
                              at::empty({rows}, student.options().dtype(at::kChar)),
                              temperature,
                              softcap,
@@ -78,8 +80,8 @@ KDLossOutputs kd_loss_shard_cpu(int64_t stage, const at::Tensor& student, const 
                        teacher,
                        target.has_value() ? target_rows : at::Tensor(),
                        at::empty({rows, width}, student.options().dtype(acc_dtype)),
-                       at::empty({gradient && student_grad ? rows : 0, vocab}, student.options()),
-                       at::empty({gradient && teacher_grad ? rows : 0, vocab}, student.options()),
+                       cpu::empty_output({gradient && student_grad ? rows : 0, vocab}, student.options()),
+                       cpu::empty_output({gradient && teacher_grad ? rows : 0, vocab}, student.options()),
                        at::empty({rows}, student.options().dtype(at::kChar)),
                        temperature,
                        softcap,

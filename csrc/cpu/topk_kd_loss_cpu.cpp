@@ -12,6 +12,7 @@
 #include "../topk_kd_loss.h"
 #include "../row_status.h"
 #include "cpu_common.h"
+#include "cpu_outputs.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -292,7 +293,7 @@ TopKKDLossOutputs topk_kd_loss_forward_cpu(const at::Tensor& student, const at::
   const auto id = static_cast<Divergence>(divergence);
   TORCH_CHECK_VALUE(dispatch_divergence(id, [](auto) {}), kEntry, ": unknown divergence id ", divergence);
   at::Tensor loss = at::empty({rows}, student.options().dtype(acc_dtype));
-  at::Tensor grad_student = at::empty({student_grad ? rows : 0, vocab}, student.options());
+  at::Tensor grad_student = empty_output({student_grad ? rows : 0, vocab}, student.options());
   at::Tensor status = at::empty({rows}, student.options().dtype(at::kChar));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), kEntry, [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -16,15 +16,13 @@ def _graph_is_kept() -> bool:
     return keep_graph is None or keep_graph()
 
 
-def can_hand_over(grad: Tensor) -> bool:
-    """Whether the saved gradients can be handed on as they are: the upstream gradient is all
-    ones and the graph is freed after this backward (so nothing reads the saved buffers again).
-    Asked only where the tensor holds real data (not while tracing or capturing a CUDA graph); on
-    CUDA it costs one small device sync, far cheaper than the pass over the gradients it saves."""
+def owns_saved(grad: Tensor) -> bool:
+    """Whether this backward owns the saved gradients: the upstream gradient holds real data (not
+    while tracing or capturing a CUDA graph) and the graph is freed after this backward, so that
+    nothing reads the saved buffers again."""
     concrete = type(grad) is torch.Tensor and not torch._is_functional_tensor(grad)
     capturing = grad.is_cuda and torch.cuda.is_current_stream_capturing()
-    return (concrete and not torch.compiler.is_compiling() and not capturing and not _graph_is_kept()
-            and bool((grad == 1).all()))
+    return concrete and not torch.compiler.is_compiling() and not capturing and not _graph_is_kept()
 
 
 def check_first_order() -> None:
@@ -34,16 +32,20 @@ def check_first_order() -> None:
 
 
 def scaled(grads: list[Optional[Tensor]], scale: Tensor) -> list[Optional[Tensor]]:
-    """The saved gradients times the upstream gradient `scale` (broadcast against them), or the
-    saved gradients themselves where can_hand_over allows. The product is formed in fp32 and
-    rounded once into the gradient's dtype, so that a loss scale (e.g. 65536, inf in fp16) never
-    meets the half-precision range on its own. Handed-over gradients go out as fresh aliases
-    (detach()): autograd stores a gradient that nothing else references as the leaf's .grad, but
-    copies one that the saved context still holds."""
-    if can_hand_over(scale):
+    """The saved gradients times the upstream gradient `scale` (broadcast against them). The
+    product is formed in fp32 and rounded once into the gradient's dtype, so that a loss scale
+    (e.g. 65536, inf in fp16) never meets the half-precision range on its own. Where this backward
+    owns the saved gradients (owns_saved) they are scaled in place, or handed on as they are when
+    the upstream gradient is all ones (on CUDA that check costs one small device sync, far cheaper
+    than the pass over the gradients it saves), as fresh aliases (detach()): autograd stores a
+    gradient that nothing else references as the leaf's .grad, but copies one that the saved
+    context still holds. Else the product goes into new tensors."""
+    owned = owns_saved(scale)
+    if owned and bool((scale == 1).all()):
         return [None if grad is None else grad.detach() for grad in grads]
     scale = scale.to(torch.promote_types(scale.dtype, torch.float32))
-    return [None if grad is None else torch.mul(grad, scale, out=torch.empty_like(grad)) for grad in grads]
+    return [None if grad is None else torch.mul(grad, scale, out=grad if owned else torch.empty_like(grad)).detach()
+            for grad in grads]
 
 
 def register_leading_gradients_autograd(op, num_inputs: int, per_row: bool = False) -> None:
