@@ -61,6 +61,7 @@ struct RowArgs {
 template <typename acc_t>
 struct SoftView {
   acc_t center, scale, count, std, coupling;
+  KD_INLINE acc_t soft(acc_t x) const { return (x - center) * scale; }
 };
 
 // A vocab-parallel stage (process_shard_row): norms holds each row's whole-vocabulary
@@ -84,7 +85,7 @@ KD_INLINE void load_soft(const RowArgs<scalar_t, acc_t>& args, const SoftView<ac
                          int64_t n, acc_t* dst) {
   using Math = MathFor<acc_t>;
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = (static_cast<acc_t>(src[i]) - view.center) * view.scale;
+  for (int64_t i = 0; i < n; ++i) dst[i] = view.soft(static_cast<acc_t>(src[i]));
   if (args.softcap == 0) return;
   const acc_t inv_cap = acc_t(1) / args.softcap, cap_over_t = args.softcap * args.inv_temperature;
 #pragma omp simd
@@ -422,7 +423,7 @@ KD_INLINE RowSums<acc_t> chunk_term_sums(int64_t n, const acc_t* xa, const acc_t
   acc_t value = 0, d_student = 0, d_teacher = 0, s_moment = 0, s_mean = 0, t_moment = 0, t_mean = 0;
 #pragma omp simd reduction(+ : value, d_student, d_teacher, s_moment, s_mean, t_moment, t_mean)
   for (int64_t i = 0; i < n; ++i) {
-    const acc_t a = (xa[i] - read_a.center) * read_a.scale, b = (xb[i] - read_b.center) * read_b.scale;
+    const acc_t a = read_a.soft(xa[i]), b = read_b.soft(xb[i]);
     const bool shared = (a > kNegInf) & (b > kNegInf);
     const acc_t lq = shared ? norm_a.log_prob(a) : acc_t(0);
     const acc_t lp = shared ? norm_b.log_prob(b) : acc_t(0);
@@ -504,8 +505,7 @@ KD_INLINE RowSums<acc_t> term_sums(const RowArgs<scalar_t, acc_t>& args, const s
     bool from_probabilities = false;
     if constexpr (kMixes<Div>) {  // the smallest soft values, from the smallest values (the view is monotone)
       from_probabilities = mixture_from_probabilities_exact(
-          norm_b.log_prob((finite_min(xb, n) - read_b.center) * read_b.scale),
-          norm_a.log_prob((finite_min(xa, n) - read_a.center) * read_a.scale), params);
+          norm_b.log_prob(read_b.soft(finite_min(xb, n))), norm_a.log_prob(read_a.soft(finite_min(xa, n))), params);
     }
     sums += from_probabilities ? chunk_term_sums<Div, kStandardize, kUse, true>(n, xa, xb, read_a, read_b, norm_a,
                                                                                 norm_b, params, scale_a, scale_b, block)
