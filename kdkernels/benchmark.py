@@ -151,11 +151,24 @@ def measure(impl: str, rows: int, vocab: int, dtype: str, device: str, repeats: 
     }
 
 
+WARMUP_SECONDS = 3.0
+
+
 def step_seconds(step: Callable[[int], object], device: str, repeats: int) -> list[float]:
-    """Times of `repeats` calls step(i), i = 0, 1, ..., after one untimed warm-up call (compilation,
-    autotuning, first-touch allocations): CUDA events on CUDA, the wall clock on CPU."""
-    step(0)
-    if torch.device(device).type == "cuda":
+    """Times of `repeats` calls step(i), i = 0, 1, ..., after untimed warm-up calls for
+    WARMUP_SECONDS, at least one (compilation, autotuning, first-touch allocations; on a virtual
+    machine the first steps that fault in fresh memory also wait for the host to back it, up to
+    25x slower for a 2 MiB page here, until freed pages come round again): CUDA events on CUDA,
+    the wall clock on CPU."""
+    cuda = torch.device(device).type == "cuda"
+    begin = time.perf_counter()
+    while True:
+        step(0)
+        if cuda:
+            torch.cuda.synchronize()
+        if time.perf_counter() - begin >= WARMUP_SECONDS:
+            break
+    if cuda:
         return [cuda_seconds(lambda: step(i)) for i in range(repeats)]
     times = []
     for i in range(repeats):

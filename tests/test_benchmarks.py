@@ -15,6 +15,12 @@ import pytest
 from kdkernels import benchmark, benchmark_fused_linear
 
 
+@pytest.fixture(autouse=True)
+def one_warmup_step(monkeypatch):
+    """In-process measurements warm up with one step rather than seconds of them (tiny shapes)."""
+    monkeypatch.setattr(benchmark, "WARMUP_SECONDS", 0.0)
+
+
 def test_bench_pools_the_rounds_of_each_configuration(tmp_path):
     out = tmp_path / "bench.json"
     benchmark.run(8, [300], ["float32"], "cpu", 2, ("kdkernels",), str(out), ("forward_kl", "ab"), rounds=2)

@@ -12,11 +12,11 @@
 namespace kdkernels {
 namespace cpu {
 
-// at::empty, with the 2 MiB-aligned interior of the allocation advised to transparent huge pages
-// on Linux. An allocation this large is a fresh mapping, first touched by the kernel that writes
-// it: in 4 KiB pages those faults cost as much as the kernel's own work at 512 x 32000 fp32; in
-// 2 MiB pages they cost a tenth of that. Where the system has no transparent huge pages the
-// advice is ignored.
+// at::empty, with the 2 MiB-aligned interior of the allocation (if any) advised to transparent huge
+// pages on Linux. A large output is a fresh mapping, first touched by the kernel that writes it: in
+// 4 KiB pages those faults cost about as much as the kernel's own work at 512 x 32000 fp32, in
+// 2 MiB pages a seventh of that. Where the system has no transparent huge pages the advice is
+// ignored.
 inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor out = at::empty(sizes, options);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
